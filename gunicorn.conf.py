@@ -1,0 +1,52 @@
+"""gunicorn settings for shim; read by the master process only.
+
+Never import requests, ssl, flask or the app here: gevent patches each worker
+at boot, and anything imported in the master before that is left unpatched
+(gunicorn #2796, #1566). ``shim.settings`` is safe: standard library only, and
+loading it here means the ports are bound from the same validated settings the
+app uses, and a bad environment stops the master with one clear message.
+No ``preload_app`` for the same reason.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from shim.settings import ConfigError, Settings  # noqa: E402
+
+try:
+    _settings = Settings.from_env(os.environ)
+except ConfigError as _error:
+    sys.stderr.write(f"shim: {_error}\n")
+    sys.exit(2)
+
+# Both providers, one server: the app tells them apart by listening port.
+bind = [
+    f"{_settings.bind_host}:{_settings.anthropic_port}",
+    f"{_settings.bind_host}:{_settings.gemini_port}",
+]
+
+# CPU is the limit on the target box: one process per core, each multiplexing
+# its streams on greenlets.
+workers = _settings.workers
+worker_class = "gevent"
+# Open connections per worker; one long agent stream holds one for minutes.
+worker_connections = 1000
+
+# Heartbeat, not a request limit: a gevent worker notifies from its own
+# greenlet, so a 10-minute stream is fine as long as nothing blocks the loop.
+timeout = 30
+# On SIGTERM in-flight streams get this long to finish before workers are killed.
+graceful_timeout = 30
+# Idle client keep-alive; kept above nginx's upstream keepalive_timeout.
+keepalive = 75
+
+# gunicorn >= 25.1 opens a control socket under $HOME or $XDG_RUNTIME_DIR; a
+# non-root container may have neither writable, and nothing here uses it.
+control_socket_disable = True
+
+# No access log from gunicorn: its request line would carry a client's ?key=.
+accesslog = None
+errorlog = "-"
+loglevel = "info"

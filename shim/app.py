@@ -1,0 +1,149 @@
+"""The Flask app: one URL map, routed by the port a request arrived on.
+
+Both providers live in one app served by one gunicorn bound to two ports.
+Which provider answers is decided by the *listening* port (``SERVER_PORT``,
+which gunicorn takes from the listener socket), never by the Host header,
+which behind nginx is the public name. The URL map uses host matching with
+the provider's name standing in for the host, so a rule of one provider can
+never match on the other's port.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Flask, Request, Response, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import BaseConverter, MapAdapter
+
+from shim import logs
+from shim.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
+from shim.forward import Forwarder
+from shim.keys import KeyPool
+from shim.providers.anthropic import Anthropic
+from shim.providers.base import Provider, make_blueprint
+from shim.providers.gemini import Gemini
+from shim.settings import Settings
+
+log = logging.getLogger("shim")
+
+# Where a request on an unknown port is routed: no rule has this host.
+NO_PROVIDER = "none"
+
+
+class ModelIdConverter(BaseConverter):
+    """A model id: starts with a letter or digit, then letters, digits, ``.``, ``_``, ``-``.
+
+    Dots are allowed (``gemini-2.5-flash``) but not first, so ``..`` and
+    ``.hidden`` never match and a decoded ``%2e%2e`` cannot walk the path.
+    """
+
+    regex = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+
+
+class ShimFlask(Flask):
+    """Flask whose URL adapter is bound to the provider owning the listening port."""
+
+    providers_by_port: dict[str, Provider]
+
+    def create_url_adapter(self, request: Request | None) -> MapAdapter | None:
+        if request is None:
+            return super().create_url_adapter(request)
+        provider = self.providers_by_port.get(request.environ.get("SERVER_PORT", ""))
+        return self.url_map.bind(
+            provider.name if provider else NO_PROVIDER,
+            script_name=request.script_root or None,
+            url_scheme=request.scheme,
+            default_method=request.method,
+            path_info=request.path,
+            query_args=request.environ.get("QUERY_STRING", ""),
+        )
+
+    def provider_for(self, environ: dict) -> Provider | None:
+        return self.providers_by_port.get(environ.get("SERVER_PORT", ""))
+
+
+def build_app(settings: Settings | None = None) -> ShimFlask:
+    settings = settings or Settings.from_env()
+    secrets = [settings.shared_secret, *settings.gemini_keys]
+    secrets += [s for s in (settings.anthropic_token, settings.anthropic_api_key) if s]
+    logs.configure(secrets)
+
+    app = ShimFlask(__name__, static_folder=None, host_matching=True, static_host=None)
+    app.url_map.converters["model_id"] = ModelIdConverter
+    # `//v1//messages` must be a 404, not a redirect a client might follow.
+    app.url_map.merge_slashes = False
+    app.json.sort_keys = False
+
+    anthropic = Anthropic(
+        settings.anthropic_upstream, settings.anthropic_api_key, settings.anthropic_token
+    )
+    gemini = Gemini(settings.gemini_upstream, KeyPool(settings.gemini_keys))
+    app.providers_by_port = {
+        str(settings.anthropic_port): anthropic,
+        str(settings.gemini_port): gemini,
+    }
+    forwarder = Forwarder(
+        settings.connect_timeout_s, settings.http_timeout_s, settings.max_body_bytes
+    )
+    app.extensions["shim.forwarder"] = forwarder
+    secret = settings.shared_secret.encode()
+    for provider in (anthropic, gemini):
+        app.register_blueprint(make_blueprint(provider, secret, forwarder.forward))
+
+    _register_error_handlers(app)
+    log.info(
+        "shim ready",
+        extra={
+            "event": "app_ready",
+            "anthropic": anthropic.credential_kind,
+            "anthropic_port": settings.anthropic_port,
+            "gemini_keys": len(gemini.keys),
+            "gemini_keys_source": settings.gemini_keys_source,
+            "gemini_port": settings.gemini_port,
+        },
+    )
+    for provider in (anthropic, gemini):
+        if not provider.configured:
+            log.warning(
+                "provider has no upstream credential; its calls answer 503",
+                extra={"event": "provider_not_configured", "provider": provider.name},
+            )
+    return app
+
+
+def _register_error_handlers(app: ShimFlask) -> None:
+    """Render every error in the shape of the provider whose port it arrived on."""
+
+    def render(error: GatewayError) -> Response:
+        provider = app.provider_for(request.environ)
+        if provider is None:
+            body = {"error": {"code": error.status, "message": error.message}}
+            return Response(json.dumps(body), status=error.status, mimetype="application/json")
+        return provider.error_response(error)
+
+    @app.errorhandler(GatewayError)
+    def gateway_error(error: GatewayError) -> Response:
+        return render(error)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> Response:
+        code = error.code or 500
+        if code == 404:
+            return render(NotFound())
+        if code == 405:
+            allowed = ", ".join(getattr(error, "valid_methods", None) or ())
+            return render(MethodNotAllowed(headers=(("Allow", allowed),) if allowed else ()))
+        if code == 413:
+            return render(PayloadTooLarge())
+        if 400 <= code < 500:
+            return render(BadRequest())
+        log.error("unexpected HTTP error", extra={"event": "http_error", "status": code})
+        return render(GatewayError())
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception) -> Response:
+        # Last resort: the traceback goes to the log, the client gets a fixed message.
+        log.exception("unhandled error", extra={"event": "unhandled_error"})
+        return render(GatewayError())

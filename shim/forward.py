@@ -1,0 +1,341 @@
+"""The forwarding core: read the client's request, send it upstream, relay the answer.
+
+One ``Forwarder`` per worker process. It is provider-agnostic: the provider
+passed in says where the secret was, how to attach the credential and how an
+error looks; nothing here branches on which provider it is.
+
+Hot-path choices (every request, every chunk), measured in bench/:
+- the upstream request is a ``PreparedRequest`` built by hand and given to
+  the session's adapter directly: no environment/proxy lookups, no cookie
+  jar, no redirects followed (a redirect is relayed to the client as is);
+- the body comes back as raw bytes (``decode_content=False``): what upstream
+  sent, with its own Content-Encoding and Content-Length, is what the client
+  gets; chunked bodies are relayed chunk by chunk as they arrive, never
+  re-chunked to a fixed size;
+- small bodies of known length are read whole and sent as one piece.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter, TimeoutSauce
+from werkzeug.wrappers import Response
+
+from shim.errors import (
+    BadRequest,
+    GatewayError,
+    PayloadTooLarge,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from shim.providers.base import Provider
+
+log = logging.getLogger("shim.forward")
+
+# Read at most this much per chunk; a chunk that arrives smaller is sent as it is.
+CHUNK_BYTES = 65_536
+# Bodies of known length up to this size are read whole (one write, no iterator).
+WHOLE_BODY_BYTES = 1_048_576
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Request headers that describe the hop to shim, not the call: the upstream
+# request gets its own Host and Content-Length, and the client's address and
+# the proxy chain in front of shim are nobody's business upstream.
+REQUEST_DROP = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-proto",
+    "x-real-ip",
+}
+# gunicorn writes its own Date and Server; two of each would confuse clients.
+RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
+
+
+class StreamAborted(Exception):
+    """Raised into the WSGI server to cut a stream so the client sees it fail."""
+
+
+class Forwarder:
+    """Sends one client request upstream and turns the answer into a WSGI response."""
+
+    def __init__(self, connect_timeout_s: float, read_timeout_s: float, max_body_bytes: int):
+        self.session = requests.Session()
+        # A stray HTTPS_PROXY or ~/.netrc must not redirect or re-authenticate traffic.
+        self.session.trust_env = False
+        # No retries: a POST must never be sent twice. Pool sized for one gevent worker.
+        self.adapter = HTTPAdapter(pool_connections=4, pool_maxsize=256, max_retries=0)
+        self.session.mount("https://", self.adapter)
+        self.session.mount("http://", self.adapter)
+        self.timeout = TimeoutSauce(connect=connect_timeout_s, read=read_timeout_s)
+        self.max_body_bytes = max_body_bytes
+
+    def close(self) -> None:
+        self.session.close()
+
+    def forward(self, provider: Provider, environ: dict) -> Response:
+        """Forward the request in ``environ`` to ``provider``'s upstream and relay the answer."""
+        headers = upstream_headers(environ, provider.client_credential_headers)
+        credential_id = provider.add_credential(headers)
+        body = read_body(environ, self.max_body_bytes)
+        method = environ["REQUEST_METHOD"]
+
+        prepared = requests.PreparedRequest()
+        prepared.method = method
+        prepared.url = provider.upstream + upstream_path(environ, provider)
+        if body or method in ("POST", "PUT", "PATCH"):
+            headers["Content-Length"] = str(len(body))
+            prepared.body = body
+        prepared.headers = headers  # type: ignore[assignment]  # a plain dict is all urllib3 needs
+
+        try:
+            upstream = self.adapter.send(prepared, stream=True, timeout=self.timeout)
+        except requests.exceptions.Timeout as exc:
+            log.warning(
+                "upstream timeout before headers",
+                extra={"event": "upstream_timeout", "provider": provider.name,
+                       "error": type(exc).__name__, "credential": credential_id},
+            )
+            raise UpstreamTimeout() from None
+        except requests.exceptions.RequestException as exc:
+            log.warning(
+                "upstream unreachable",
+                extra={"event": "upstream_unreachable", "provider": provider.name,
+                       "error": type(exc).__name__, "credential": credential_id},
+            )
+            raise UpstreamUnreachable() from None
+        return relay(upstream.raw, provider, method)
+
+
+def upstream_headers(environ: dict, credential_headers: frozenset[str]) -> dict[str, str]:
+    """Return the client's end-to-end headers, minus its credentials, lower-cased."""
+    dropped = REQUEST_DROP
+    connection = environ.get("HTTP_CONNECTION")
+    if connection:
+        # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+        dropped = dropped | {token.strip().lower() for token in connection.split(",")}
+    headers: dict[str, str] = {}
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = key[5:].replace("_", "-").lower()
+            if name not in dropped and name not in credential_headers:
+                headers[name] = value
+    content_type = environ.get("CONTENT_TYPE")
+    if content_type:
+        headers["content-type"] = content_type
+    return headers
+
+
+# Characters that may stand in a query string as they are; anything else is
+# percent-encoded before it goes on the wire (http.client refuses non-ASCII).
+_QUERY_SAFE = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/?%"
+)
+
+
+def upstream_path(environ: dict, provider: Provider) -> str:
+    """Return path and query to request upstream; the path already passed the route allow-list."""
+    path = environ.get("PATH_INFO", "")
+    query = environ.get("QUERY_STRING", "")
+    if query:
+        query = provider.upstream_query(query)
+    if not query:
+        return path
+    if not _QUERY_SAFE.issuperset(query):
+        query = "".join(
+            ch if ch in _QUERY_SAFE else "".join(f"%{b:02X}" for b in ch.encode("latin-1"))
+            for ch in query
+        )
+    return f"{path}?{query}"
+
+
+def read_body(environ: dict, limit: int) -> bytes:
+    """Read the request body, refusing one over ``limit`` before reading it."""
+    stream = environ["wsgi.input"]
+    length = environ.get("CONTENT_LENGTH")
+    if length:
+        try:
+            expected = int(length)
+        except ValueError:
+            raise BadRequest("Invalid Content-Length header.") from None
+        if expected < 0:
+            raise BadRequest("Invalid Content-Length header.")
+        if expected > limit:
+            raise PayloadTooLarge()
+        if expected == 0:
+            return b""
+        body = _read(stream, expected)
+        if len(body) != expected:
+            raise BadRequest("The request body ended before Content-Length bytes arrived.")
+        return body
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        parts = []
+        total = 0
+        while True:
+            data = _read(stream, CHUNK_BYTES)
+            if not data:
+                return b"".join(parts)
+            total += len(data)
+            if total > limit:
+                raise PayloadTooLarge()
+            parts.append(data)
+    return b""
+
+
+def _read(stream, size: int) -> bytes:  # noqa: ANN001 - any WSGI input stream
+    try:
+        return stream.read(size)
+    except Exception as exc:  # noqa: BLE001 - the server's body parser raises its own types
+        # A client that hangs up or sends a broken chunked body: that is a bad
+        # request, not a gateway failure, whatever class the server uses for it.
+        log.info(
+            "request body unreadable",
+            extra={"event": "request_body_unreadable", "error": type(exc).__name__},
+        )
+        raise BadRequest("The request body could not be read.") from None
+
+
+def relay(raw: urllib3.HTTPResponse, provider: Provider, method: str) -> Response:
+    """Turn the upstream response into the client's, bytes untouched."""
+    headers = [(k, v) for k, v in raw.headers.items() if k.lower() not in RESPONSE_DROP]
+    status = f"{raw.status} {raw.reason}" if raw.reason else raw.status
+    length = raw.headers.get("content-length")
+    if method == "HEAD" or (length is not None and length.isdigit()
+                            and int(length) <= WHOLE_BODY_BYTES):
+        body = read_whole(raw, provider) if method != "HEAD" else b""
+        if method == "HEAD":
+            raw.release_conn()
+        return Response([body], status=status, headers=headers, direct_passthrough=True)
+    if length is None:
+        # A body of unknown length is a stream: tell a proxy in front not to buffer it.
+        headers.append(("X-Accel-Buffering", "no"))
+    content_type = raw.headers.get("content-type", "")
+    if raw.headers.get("content-encoding"):
+        frame = None  # an error frame cannot be appended to a compressed body
+    else:
+        frame = provider.stream_error_frame
+    return Response(
+        UpstreamBody(raw, provider.name, content_type, frame),
+        status=status,
+        headers=headers,
+        direct_passthrough=True,
+    )
+
+
+def read_whole(raw: urllib3.HTTPResponse, provider: Provider) -> bytes:
+    """Read a small body of known length; a failure is still a clean 502/504."""
+    try:
+        body = raw.read(decode_content=False)
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raw.close()
+        raw.release_conn()
+        error = _stream_error(exc)
+        log.warning(
+            "upstream failed while sending the body",
+            extra={"event": "upstream_body_failed", "provider": provider.name,
+                   "error": type(exc).__name__},
+        )
+        raise error from None
+    raw.release_conn()
+    return body
+
+
+def _stream_error(exc: BaseException) -> GatewayError:
+    if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
+        return UpstreamTimeout()
+    return UpstreamUnreachable("The upstream API ended the response early.")
+
+
+class UpstreamBody:
+    """The WSGI body of a streamed upstream response.
+
+    Yields upstream's bytes as they arrive. If upstream fails mid-stream the
+    client must *see* a failure, never a clean end that looks complete: the
+    provider's error frame is sent if it has one for this content type,
+    otherwise the stream is aborted (the server drops the connection without
+    the terminating chunk). ``close`` is called by the server even when the
+    body was never iterated (HEAD, client gone): it always releases upstream.
+    """
+
+    __slots__ = ("_raw", "_chunks", "_provider", "_content_type", "_frame", "_complete")
+
+    def __init__(self, raw: urllib3.HTTPResponse, provider: str, content_type: str, frame):  # noqa: ANN001
+        self._raw = raw
+        self._provider = provider
+        self._content_type = content_type
+        self._frame = frame
+        self._complete = False
+        if raw.chunked:
+            self._chunks: Iterator[bytes] = raw.read_chunked(CHUNK_BYTES, decode_content=False)
+        else:
+            self._chunks = _read1_chunks(raw)
+
+    def __iter__(self) -> UpstreamBody:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            self._complete = True
+            raise
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            return self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> bytes:
+        error = _stream_error(exc)
+        log.warning(
+            "upstream failed mid-stream",
+            extra={"event": "upstream_stream_failed", "provider": self._provider,
+                   "error": type(exc).__name__},
+        )
+        self._release(clean=False)
+        frame = self._frame(error, self._content_type) if self._frame else None
+        if frame is None:
+            raise StreamAborted(f"upstream failed mid-stream ({type(exc).__name__})") from None
+        self._chunks = iter(())
+        return frame
+
+    def close(self) -> None:
+        self._release(clean=self._complete)
+
+    def _release(self, clean: bool) -> None:
+        raw = self._raw
+        if raw is None:
+            return
+        self._raw = None
+        if not clean:
+            # Closing the socket is what stops an abandoned generation upstream.
+            raw.close()
+        raw.release_conn()
+
+
+def _read1_chunks(raw: urllib3.HTTPResponse) -> Iterator[bytes]:
+    # read1 returns what has arrived (up to CHUNK_BYTES) instead of waiting to fill it.
+    read1 = raw.read1
+    while True:
+        data = read1(CHUNK_BYTES, decode_content=False)
+        if not data:
+            return
+        yield data

@@ -1,0 +1,1 @@
+"""One module per upstream API; each only declares what differs (see base.py)."""

@@ -1,0 +1,101 @@
+"""What a provider declares, and the one function that turns it into a blueprint.
+
+A provider says what differs between upstream APIs: the routes it serves,
+where a client presents the shared secret, which client headers carry that
+secret, how the upstream credential is attached, and how an error looks on
+its wire. Everything else (reading the body, sending upstream, relaying the
+answer) is the shared core in ``shim.forward``; nothing here sends traffic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flask import Blueprint, Response, request
+
+from shim.auth import authenticated
+from shim.errors import GatewayError
+
+JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class Route:
+    rule: str
+    endpoint: str
+    methods: tuple[str, ...]
+
+
+class Provider:
+    """Base for a provider spec; subclasses fill in the class attributes and hooks."""
+
+    name: str = ""
+    routes: tuple[Route, ...] = ()
+    # Lower-case header names that carry the client's secret: never forwarded.
+    client_credential_headers: frozenset[str] = frozenset()
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+
+    @property
+    def configured(self) -> bool:
+        raise NotImplementedError
+
+    def presented_secrets(self, environ: dict) -> list[bytes]:
+        """Return every value the client presented as the secret (possibly none)."""
+        raise NotImplementedError
+
+    def upstream_query(self, query: str) -> str:
+        """Return the query string to forward (the client's, unless a provider must strip)."""
+        return query
+
+    def add_credential(self, headers: dict[str, str]) -> str | None:
+        """Attach the upstream credential; return a loggable credential id, if any."""
+        raise NotImplementedError
+
+    def error_body(self, error: GatewayError) -> bytes:
+        """Render ``error`` in this provider's JSON error shape."""
+        raise NotImplementedError
+
+    def stream_error_frame(self, error: GatewayError, content_type: str) -> bytes | None:
+        """Return a frame that tells a streaming client about ``error``, or None to abort."""
+        return None
+
+    def error_response(self, error: GatewayError) -> Response:
+        response = Response(self.error_body(error), status=error.status, mimetype=JSON)
+        for name, value in error.headers:
+            response.headers[name] = value
+        return response
+
+
+def make_blueprint(
+    provider: Provider, secret: bytes, forward: Callable[[Provider, dict], Response]
+) -> Blueprint:
+    """Build the provider's blueprint: its routes (authenticated) plus open health checks.
+
+    Every rule carries ``host=provider.name``: the app binds its URL map to the
+    provider that owns the listening port, so one provider's paths can never
+    match on the other's port.
+    """
+    blueprint = Blueprint(provider.name, __name__)
+
+    @authenticated(provider, secret)
+    def proxy(**_route_args: str) -> Response:
+        return forward(provider, request.environ)
+
+    for route in provider.routes:
+        blueprint.add_url_rule(
+            route.rule, route.endpoint, proxy, methods=list(route.methods), host=provider.name
+        )
+    for rule, endpoint in (("/health", "health"), ("/", "root")):
+        blueprint.add_url_rule(rule, endpoint, _health, methods=["GET"], host=provider.name)
+    return blueprint
+
+
+_HEALTH_BODY = b'{"status":"ok"}'
+
+
+def _health() -> Response:
+    # Load balancers call this often: no auth, no upstream call, no allocation beyond this.
+    return Response(_HEALTH_BODY, mimetype=JSON)

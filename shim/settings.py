@@ -1,0 +1,235 @@
+"""The one frozen Settings object, built and validated from the environment.
+
+This is the only module that reads ``os.environ`` (via ``Settings.from_env``,
+which takes any mapping so tests pass plain dicts). Every problem found is
+collected into a single ``ConfigError`` that names each variable and the
+expected form, and never echoes a secret.
+
+It imports nothing but the standard library and ``shim.keys`` on purpose:
+gunicorn.conf.py loads it in the master process to bind the ports, and the
+master must not import requests/ssl before gevent patches the workers
+(gunicorn #2796, #1566).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from shim.keys import KeyFileError, load_keys
+
+DEFAULT_ANTHROPIC_UPSTREAM = "https://api.anthropic.com"
+DEFAULT_GEMINI_UPSTREAM = "https://generativelanguage.googleapis.com"
+MIN_SECRET_CHARS = 16
+
+
+class ConfigError(ValueError):
+    """The environment does not describe a gateway that can start."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n  " + "\n  ".join(self.problems))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything shim is configured with; secrets are kept out of repr()."""
+
+    shared_secret: str = field(repr=False)
+    anthropic_token: str | None = field(default=None, repr=False)
+    anthropic_api_key: str | None = field(default=None, repr=False)
+    anthropic_upstream: str = DEFAULT_ANTHROPIC_UPSTREAM
+    gemini_upstream: str = DEFAULT_GEMINI_UPSTREAM
+    gemini_keys: tuple[str, ...] = field(default=(), repr=False)
+    gemini_keys_source: str = "none"
+    bind_host: str = "0.0.0.0"
+    anthropic_port: int = 8889
+    gemini_port: int = 8890
+    http_timeout_s: float = 600.0
+    connect_timeout_s: float = 10.0
+    max_body_bytes: int = 33_554_432
+    workers: int = 1
+
+    @property
+    def anthropic_configured(self) -> bool:
+        return bool(self.anthropic_token or self.anthropic_api_key)
+
+    @property
+    def gemini_configured(self) -> bool:
+        return bool(self.gemini_keys)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build Settings from ``environ`` (default ``os.environ``) or raise ConfigError."""
+        env = _Env(os.environ if environ is None else environ)
+        values: dict[str, Any] = {
+            "shared_secret": env.read("SHIM_SHARED_SECRET", _secret, None, required=True),
+            "anthropic_token": env.read("SHIM_ANTHROPIC_TOKEN", _credential, None),
+            "anthropic_api_key": env.read("SHIM_ANTHROPIC_API_KEY", _credential, None),
+            "anthropic_upstream": env.read(
+                "SHIM_ANTHROPIC_UPSTREAM", _base_url, DEFAULT_ANTHROPIC_UPSTREAM
+            ),
+            "gemini_upstream": env.read("SHIM_GEMINI_UPSTREAM", _base_url, DEFAULT_GEMINI_UPSTREAM),
+            "bind_host": env.read("SHIM_BIND_HOST", _host, "0.0.0.0"),
+            "anthropic_port": env.read("SHIM_ANTHROPIC_PORT", _port, 8889),
+            "gemini_port": env.read("SHIM_GEMINI_PORT", _port, 8890),
+            "http_timeout_s": env.read("SHIM_HTTP_TIMEOUT_S", _seconds, 600.0),
+            "connect_timeout_s": env.read("SHIM_CONNECT_TIMEOUT_S", _seconds, 10.0),
+            "max_body_bytes": env.read("SHIM_MAX_BODY_BYTES", _positive_int, 33_554_432),
+            "workers": env.read("SHIM_WORKERS", _workers, _default_workers()),
+        }
+        keys, source = _gemini_keys(env)
+        values["gemini_keys"], values["gemini_keys_source"] = keys, source
+
+        if values["anthropic_token"] and values["anthropic_api_key"]:
+            env.problems.append(
+                "SHIM_ANTHROPIC_TOKEN, SHIM_ANTHROPIC_API_KEY: set one upstream credential, not both"
+            )
+        if (
+            values["anthropic_port"] is not None
+            and values["anthropic_port"] == values["gemini_port"]
+        ):
+            env.problems.append(
+                "SHIM_ANTHROPIC_PORT, SHIM_GEMINI_PORT: the two providers need different ports"
+            )
+        if (
+            "SHIM_SHARED_SECRET" not in env.failed
+            and not env.problems
+            and not (values["anthropic_token"] or values["anthropic_api_key"] or keys)
+        ):
+            env.problems.append(
+                "no provider configured: set SHIM_ANTHROPIC_TOKEN or SHIM_ANTHROPIC_API_KEY, "
+                "and/or SHIM_GEMINI_KEYS or a SHIM_GEMINI_KEYS_FILE with at least one key"
+            )
+        if env.problems:
+            raise ConfigError(env.problems)
+        return cls(**values)
+
+
+class _Env:
+    """Reads variables one by one, collecting problems instead of stopping at the first."""
+
+    def __init__(self, environ: Mapping[str, str]):
+        self.environ = environ
+        self.problems: list[str] = []
+        self.failed: set[str] = set()
+
+    def raw(self, name: str) -> str | None:
+        # An empty value (``KEY=`` in an .env file) means "not set".
+        value = self.environ.get(name)
+        return value if value else None
+
+    def read(
+        self, name: str, coerce: Callable[[str], Any], default: Any, required: bool = False
+    ) -> Any:
+        raw = self.raw(name)
+        if raw is None:
+            if required:
+                self.problems.append(f"{name}: required, not set")
+                self.failed.add(name)
+            return default
+        try:
+            return coerce(raw)
+        except ValueError as exc:
+            self.problems.append(f"{name}: {exc}")
+            self.failed.add(name)
+            return default
+
+
+def _default_workers() -> int:
+    # sched_getaffinity honours a container's cpuset, cpu_count() does not.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _header_safe(value: str) -> bool:
+    return value.isascii() and value.isprintable() and " " not in value
+
+
+def _secret(raw: str) -> str:
+    if len(raw) < MIN_SECRET_CHARS:
+        raise ValueError(f"expected at least {MIN_SECRET_CHARS} characters, got {len(raw)}")
+    if not _header_safe(raw):
+        raise ValueError("expected printable ASCII without spaces (it travels in a header)")
+    return raw
+
+
+def _credential(raw: str) -> str:
+    raw = raw.strip()
+    if not _header_safe(raw):
+        raise ValueError("expected printable ASCII without spaces (it travels in a header)")
+    return raw
+
+
+def _base_url(raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s) base URL such as https://host[:port], got {raw!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("expected a base URL without credentials, query or fragment")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(f"expected a valid port in the URL, got {raw!r}") from None
+    return raw.strip().rstrip("/")
+
+
+def _host(raw: str) -> str:
+    host = raw.strip()
+    if not host or " " in host or "/" in host:
+        raise ValueError(f"expected an address to bind such as 0.0.0.0 or 127.0.0.1, got {raw!r}")
+    return host
+
+
+def _int(raw: str, low: int, high: int, what: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError(f"expected {what}, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ValueError(f"expected {what}, got {raw!r}")
+    return value
+
+
+def _port(raw: str) -> int:
+    return _int(raw, 1, 65535, "an integer 1-65535")
+
+
+def _positive_int(raw: str) -> int:
+    return _int(raw, 1, 2**40, "a positive integer")
+
+
+def _workers(raw: str) -> int:
+    return _int(raw, 1, 64, "an integer 1-64")
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError(f"expected a number of seconds > 0, got {raw!r}") from None
+    if not 0 < value <= 86_400:
+        raise ValueError(f"expected a number of seconds > 0 and <= 86400, got {raw!r}")
+    return value
+
+
+def _gemini_keys(env: _Env) -> tuple[tuple[str, ...], str]:
+    """Return the Gemini keys and where they came from; the env list wins over the file."""
+    listed = env.raw("SHIM_GEMINI_KEYS")
+    file_name = env.raw("SHIM_GEMINI_KEYS_FILE")
+    try:
+        if listed is not None:
+            return load_keys(text=listed.replace(",", "\n")), "SHIM_GEMINI_KEYS"
+        path = file_name or "gemini_keys.txt"
+        if file_name is None and not os.path.exists(path):
+            return (), "none"  # the default file is optional; a named one is not
+        return load_keys(path=path), path
+    except KeyFileError as exc:
+        name = "SHIM_GEMINI_KEYS" if listed is not None else "SHIM_GEMINI_KEYS_FILE"
+        env.problems.append(f"{name}: {exc}")
+        return (), "none"

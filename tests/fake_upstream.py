@@ -1,0 +1,373 @@
+"""A fake Anthropic + Gemini upstream on 127.0.0.1 that records every request.
+
+It speaks enough of both APIs for the official SDKs, Claude Code and the
+Gemini CLI: messages (JSON and paced SSE), count_tokens, models; Gemini
+generate/stream (SSE and JSON array)/countTokens/embed/batchEmbed/models. It
+checks the *upstream* credential like the real APIs do, so a client that gets
+an answer proves shim swapped the secret for the credential.
+
+Per-request behaviour is chosen by headers the client sends (shim forwards
+them untouched):
+
+- ``x-fake-gap-ms``: pause between streamed events (default 0);
+- ``x-fake-events``: number of text deltas in a stream (default 3);
+- ``x-fake-scenario``: ``error:<status>`` (provider-shaped error with
+  ``retry-after`` and rate-limit headers), ``stall:<seconds>`` (sleep before
+  headers), ``gzip`` (gzip-encoded JSON body), ``drop`` (send two events, then
+  cut the TCP connection), ``stall-mid:<seconds>`` (two events, then silence),
+  ``close-delimited`` (no Content-Length, no chunking: body ends at close),
+  ``redirect`` (302 to another host).
+
+Run standalone for manual tries: ``python -m tests.fake_upstream --port 9999``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+FAKE_API_KEY = "sk-ant-api03-fake-upstream-key-000000000000"
+FAKE_OAUTH_TOKEN = "sk-ant-oat01-fake-upstream-token-0000000000"
+FAKE_GEMINI_KEYS = ("AIzaFakeGeminiKeyNumberOne000000000000", "AIzaFakeGeminiKeyNumberTwo000000000000",
+                    "AIzaFakeGeminiKeyNumberThree0000000000")
+OAUTH_BETA = "oauth-2025-04-20"
+
+ANTHROPIC_MODELS = ("claude-sonnet-4-5-20250929", "claude-opus-4-1-20250805", "claude-haiku-4-5-20251001")
+GEMINI_MODELS = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-3-pro-preview", "gemini-embedding-001")
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    at: float = field(default_factory=time.monotonic)
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+class FakeUpstream:
+    """Owns the server thread and the list of requests it has seen."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        self.requests: list[Recorded] = []
+        self.lock = threading.Lock()
+        handler = type("Handler", (_Handler,), {"fake": self})
+        self.server = ThreadingHTTPServer((host, port), handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://{host}:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # Connections that are still open, so a test can see shim closed one.
+        self.open_streams = 0
+        self.closed_streams: list[float] = []
+
+    def start(self) -> FakeUpstream:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def record(self, request: Recorded) -> None:
+        with self.lock:
+            self.requests.append(request)
+
+    def matching(self, marker: str) -> list[Recorded]:
+        """Requests whose ``x-test-id`` header equals ``marker``."""
+        with self.lock:
+            return [r for r in self.requests if r.headers.get("x-test-id") == marker]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake: FakeUpstream
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
+        pass  # quiet: tests read the recorded requests instead
+
+    # -- plumbing -----------------------------------------------------------
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        parts = urlsplit(self.path)
+        rec = Recorded(
+            method=self.command,
+            path=parts.path,
+            query=parts.query,
+            headers={k.lower(): v for k, v in self.headers.items()},
+            body=body,
+        )
+        self.fake.record(rec)
+        self.rec = rec
+        self.query = parse_qs(parts.query)
+        self.gap = int(rec.header("x-fake-gap-ms") or 0) / 1000
+        self.n_events = int(rec.header("x-fake-events") or 3)
+        self.scenario = rec.header("x-fake-scenario") or ""
+        # The two APIs share /v1/models: the credential header tells them apart.
+        gemini = ("x-goog-api-key" in rec.headers or "key" in self.query
+                  or parts.path.startswith("/v1beta/") or ":" in parts.path)
+        try:
+            if self.scenario.startswith("stall:"):
+                time.sleep(float(self.scenario.split(":", 1)[1]))
+            if self.scenario == "redirect":
+                self._send(302, b"", "text/plain", [("Location", "http://127.0.0.2:9/elsewhere")])
+            elif gemini:
+                self._gemini(parts.path)
+            else:
+                self._anthropic(parts.path)
+        except (BrokenPipeError, ConnectionResetError):
+            with self.fake.lock:
+                self.fake.closed_streams.append(time.monotonic())
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json",
+              extra: list[tuple[str, str]] | None = None) -> None:
+        if self.scenario == "gzip" and body:
+            body = gzip.compress(body)
+            extra = [*(extra or []), ("Content-Encoding", "gzip")]
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("request-id", "req_fake_0001")
+        for name, value in extra or []:
+            self.send_header(name, value)
+        if self.scenario == "close-delimited":
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+            return
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _start_chunked(self, content_type: str, extra: list[tuple[str, str]] | None = None) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("request-id", "req_fake_stream")
+        self.send_header("anthropic-ratelimit-unified-status", "allowed")
+        for name, value in extra or []:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.flush()
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _end_chunked(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _stream(self, frames: list[bytes], content_type: str) -> None:
+        """Send frames one chunk each, paced by the gap, honouring mid-stream faults."""
+        self._start_chunked(content_type)
+        with self.fake.lock:
+            self.fake.open_streams += 1
+        try:
+            for index, frame in enumerate(frames):
+                if index and self.gap:
+                    time.sleep(self.gap)
+                if index == 2 and self.scenario == "drop":
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                if index == 2 and self.scenario.startswith("stall-mid:"):
+                    time.sleep(float(self.scenario.split(":", 1)[1]))
+                self._chunk(frame)
+            self._end_chunked()
+        finally:
+            with self.fake.lock:
+                self.fake.open_streams -= 1
+
+    def _error(self, status: int, gemini: bool, message: str) -> None:
+        if gemini:
+            names = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                     404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
+                     503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+            body = {"error": {"code": status, "message": message,
+                              "status": names.get(status, "UNKNOWN")}}
+        else:
+            types = {400: "invalid_request_error", 401: "authentication_error",
+                     403: "permission_error", 404: "not_found_error", 429: "rate_limit_error",
+                     500: "api_error", 529: "overloaded_error"}
+            body = {"type": "error", "error": {"type": types.get(status, "api_error"),
+                                               "message": message},
+                    "request_id": "req_fake_error"}
+        extra = [("retry-after", "7"), ("x-should-retry", "true"),
+                 ("anthropic-ratelimit-requests-remaining", "0")]
+        self._send(status, json.dumps(body).encode(), extra=extra)
+
+    # -- Anthropic ---------------------------------------------------------
+    def _anthropic_authorized(self) -> bool:
+        h = self.rec.headers
+        if "authorization" in h:
+            betas = [b.strip() for b in h.get("anthropic-beta", "").split(",")]
+            return (h["authorization"] == f"Bearer {FAKE_OAUTH_TOKEN}" and OAUTH_BETA in betas
+                    and "x-api-key" not in h)
+        return h.get("x-api-key") == FAKE_API_KEY
+
+    def _anthropic(self, path: str) -> None:
+        if not self._anthropic_authorized():
+            return self._error(401, False, "invalid x-api-key")
+        if self.scenario.startswith("error:"):
+            return self._error(int(self.scenario.split(":")[1]), False, "Fake upstream error.")
+        if path == "/v1/messages" and self.command == "POST":
+            request = json.loads(self.rec.body or b"{}")
+            if not isinstance(request, dict) or "messages" not in request:
+                return self._error(400, False, "messages: Field required")
+            if request.get("stream"):
+                return self._stream(anthropic_events(request, self.n_events), "text/event-stream; charset=utf-8")
+            return self._send(200, json.dumps(anthropic_message(request)).encode(),
+                              extra=[("anthropic-ratelimit-unified-status", "allowed")])
+        if path == "/v1/messages/count_tokens" and self.command == "POST":
+            return self._send(200, json.dumps({"input_tokens": 3 + len(self.rec.body) // 4}).encode())
+        if path == "/v1/models":
+            data = [anthropic_model(m) for m in ANTHROPIC_MODELS]
+            body = {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+            return self._send(200, json.dumps(body).encode())
+        if path.startswith("/v1/models/"):
+            model = path.rsplit("/", 1)[1]
+            if model not in ANTHROPIC_MODELS:
+                return self._error(404, False, f"model: {model}")
+            return self._send(200, json.dumps(anthropic_model(model)).encode())
+        return self._error(404, False, "Not found")
+
+    # -- Gemini --------------------------------------------------------------
+    def _gemini(self, path: str) -> None:
+        if self.rec.header("x-goog-api-key") not in FAKE_GEMINI_KEYS or "key" in self.query:
+            return self._error(401 if "x-goog-api-key" not in self.rec.headers else 400, True,
+                               "API key not valid. Please pass a valid API key.")
+        if self.scenario.startswith("error:"):
+            return self._error(int(self.scenario.split(":")[1]), True, "Fake upstream error.")
+        version, _, rest = path.lstrip("/").partition("/")
+        if rest == "models":
+            models = [gemini_model(m) for m in GEMINI_MODELS]
+            return self._send(200, json.dumps({"models": models}).encode())
+        model, _, action = rest.removeprefix("models/").partition(":")
+        if not action:
+            if model not in GEMINI_MODELS:
+                return self._error(404, True, f"models/{model} is not found")
+            return self._send(200, json.dumps(gemini_model(model)).encode())
+        request = json.loads(self.rec.body or b"{}")
+        if action == "generateContent":
+            return self._send(200, json.dumps(gemini_response(model, "Hello from fake Gemini.", True)).encode())
+        if action == "streamGenerateContent":
+            pieces = gemini_stream(model, self.n_events)
+            if self.query.get("alt") == ["sse"]:
+                frames = [b"data: " + json.dumps(p).encode() + b"\r\n\r\n" for p in pieces]
+                return self._stream(frames, "text/event-stream")
+            frames = [(b"[" if i == 0 else b",\r\n") + json.dumps(p).encode() for i, p in enumerate(pieces)]
+            frames.append(b"]")
+            return self._stream(frames, "application/json; charset=UTF-8")
+        if action == "countTokens":
+            return self._send(200, json.dumps({"totalTokens": 2 + len(self.rec.body) // 4}).encode())
+        if action == "embedContent":
+            return self._send(200, json.dumps({"embedding": {"values": [0.1, 0.2, 0.3]}}).encode())
+        if action == "batchEmbedContents":
+            count = len(request.get("requests", []))
+            body = {"embeddings": [{"values": [0.1 * i, 0.2, 0.3]} for i in range(count)]}
+            return self._send(200, json.dumps(body).encode())
+        return self._error(404, True, "Not found")
+
+
+# -- response builders -------------------------------------------------------
+
+def anthropic_model(model: str) -> dict:
+    return {"type": "model", "id": model, "display_name": model.replace("-", " ").title(),
+            "created_at": "2025-09-29T00:00:00Z"}
+
+
+def anthropic_message(request: dict) -> dict:
+    return {
+        "id": "msg_fake_0001", "type": "message", "role": "assistant",
+        "model": request.get("model", "claude-sonnet-4-5"),
+        "content": [{"type": "text", "text": "Hello from fake Claude."}],
+        "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 12, "output_tokens": 6, "cache_read_input_tokens": 0,
+                  "cache_creation_input_tokens": 0},
+    }
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def anthropic_events(request: dict, deltas: int) -> list[bytes]:
+    model = request.get("model", "claude-sonnet-4-5")
+    message = {"id": "msg_fake_stream", "type": "message", "role": "assistant", "model": model,
+               "content": [], "stop_reason": None, "stop_sequence": None,
+               "usage": {"input_tokens": 12, "output_tokens": 1, "cache_read_input_tokens": 0,
+                         "cache_creation_input_tokens": 0}}
+    frames = [
+        _sse("message_start", {"type": "message_start", "message": message}),
+        _sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+        _sse("ping", {"type": "ping"}),
+    ]
+    for i in range(deltas):
+        frames.append(_sse("content_block_delta", {
+            "type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": f"chunk{i} "}}))
+    frames += [
+        _sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        _sse("message_delta", {"type": "message_delta",
+                               "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                               "usage": {"output_tokens": deltas}}),
+        _sse("message_stop", {"type": "message_stop"}),
+    ]
+    return frames
+
+
+def gemini_model(model: str) -> dict:
+    return {"name": f"models/{model}", "version": "001", "displayName": model,
+            "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
+            "supportedGenerationMethods": ["generateContent", "countTokens"]}
+
+
+def gemini_response(model: str, text: str, last: bool) -> dict:
+    candidate = {"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}
+    if last:
+        candidate["finishReason"] = "STOP"
+    return {"candidates": [candidate],
+            "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 4, "totalTokenCount": 9},
+            "modelVersion": model}
+
+
+def gemini_stream(model: str, pieces: int) -> list[dict]:
+    return [gemini_response(model, f"chunk{i} ", i == pieces - 1) for i in range(pieces)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=9999)
+    args = parser.parse_args()
+    fake = FakeUpstream(port=args.port)
+    print(f"fake upstream on {fake.url}; API key {FAKE_API_KEY}, OAuth token {FAKE_OAUTH_TOKEN}, "
+          f"Gemini keys {','.join(FAKE_GEMINI_KEYS)}", flush=True)
+    fake.server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
