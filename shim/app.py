@@ -56,7 +56,7 @@ class ShimFlask(Flask):
             script_name=request.script_root or None,
             url_scheme=request.scheme,
             default_method=request.method,
-            path_info=request.path,
+            path_info=request.environ.get("PATH_INFO") or "/",
             query_args=request.environ.get("QUERY_STRING", ""),
         )
 
@@ -91,6 +91,13 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
     secret = settings.shared_secret.encode()
     for provider in (anthropic, gemini):
         app.register_blueprint(make_blueprint(provider, secret, forwarder.forward))
+
+    @app.before_request
+    def refuse_leading_double_slash() -> None:
+        # Werkzeug's matcher ignores extra leading slashes, so `//v1/messages`
+        # would match `/v1/messages` and then be forwarded as `//v1/...`.
+        if request.environ.get("PATH_INFO", "").startswith("//"):
+            raise NotFound()
 
     _register_error_handlers(app)
     log.info(

@@ -86,7 +86,8 @@ class Settings:
 
         if values["anthropic_token"] and values["anthropic_api_key"]:
             env.problems.append(
-                "SHIM_ANTHROPIC_TOKEN, SHIM_ANTHROPIC_API_KEY: set one upstream credential, not both"
+                "SHIM_ANTHROPIC_TOKEN, SHIM_ANTHROPIC_API_KEY: "
+                "set one upstream credential, not both"
             )
         if (
             values["anthropic_port"] is not None

@@ -59,7 +59,8 @@ class Recorded:
 class FakeUpstream:
     """Owns the server thread and the list of requests it has seen."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, verbose: bool = False):
+        self.verbose = verbose
         self.requests: list[Recorded] = []
         self.lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"fake": self})
@@ -68,9 +69,8 @@ class FakeUpstream:
         self.port = self.server.server_address[1]
         self.url = f"http://{host}:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        # Connections that are still open, so a test can see shim closed one.
-        self.open_streams = 0
-        self.closed_streams: list[float] = []
+        # How each stream ended, by x-test-id: "complete", "dropped" or "client_gone".
+        self.stream_ends: dict[str, tuple[str, float]] = {}
 
     def start(self) -> FakeUpstream:
         self.thread.start()
@@ -83,6 +83,10 @@ class FakeUpstream:
     def record(self, request: Recorded) -> None:
         with self.lock:
             self.requests.append(request)
+        if self.verbose:
+            credential = [k for k in ("authorization", "x-api-key", "x-goog-api-key") if k in request.headers]
+            print(f"{request.method} {request.path}?{request.query} credential={credential} "
+                  f"beta={request.headers.get('anthropic-beta')} body={len(request.body)}B", flush=True)
 
     def matching(self, marker: str) -> list[Recorded]:
         """Requests whose ``x-test-id`` header equals ``marker``."""
@@ -137,8 +141,14 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._anthropic(parts.path)
         except (BrokenPipeError, ConnectionResetError):
+            self._stream_ended("client_gone")
+            self.close_connection = True
+
+    def _stream_ended(self, how: str) -> None:
+        marker = self.rec.header("x-test-id")
+        if marker:
             with self.fake.lock:
-                self.fake.closed_streams.append(time.monotonic())
+                self.fake.stream_ends[marker] = (how, time.monotonic())
 
     def _send(self, status: int, body: bytes, content_type: str = "application/json",
               extra: list[tuple[str, str]] | None = None) -> None:
@@ -183,23 +193,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _stream(self, frames: list[bytes], content_type: str) -> None:
         """Send frames one chunk each, paced by the gap, honouring mid-stream faults."""
         self._start_chunked(content_type)
-        with self.fake.lock:
-            self.fake.open_streams += 1
-        try:
-            for index, frame in enumerate(frames):
-                if index and self.gap:
-                    time.sleep(self.gap)
-                if index == 2 and self.scenario == "drop":
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    self.close_connection = True
-                    return
-                if index == 2 and self.scenario.startswith("stall-mid:"):
-                    time.sleep(float(self.scenario.split(":", 1)[1]))
-                self._chunk(frame)
-            self._end_chunked()
-        finally:
-            with self.fake.lock:
-                self.fake.open_streams -= 1
+        for index, frame in enumerate(frames):
+            if index and self.gap:
+                time.sleep(self.gap)
+            if index == 2 and self.scenario == "drop":
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                self._stream_ended("dropped")
+                return
+            if index == 2 and self.scenario.startswith("stall-mid:"):
+                time.sleep(float(self.scenario.split(":", 1)[1]))
+            self._chunk(frame)
+        self._end_chunked()
+        self._stream_ended("complete")
 
     def _error(self, status: int, gemini: bool, message: str) -> None:
         if gemini:
@@ -272,7 +278,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, json.dumps(gemini_model(model)).encode())
         request = json.loads(self.rec.body or b"{}")
         if action == "generateContent":
-            return self._send(200, json.dumps(gemini_response(model, "Hello from fake Gemini.", True)).encode())
+            text = gemini_text(request)
+            return self._send(200, json.dumps(gemini_response(model, text, True)).encode())
         if action == "streamGenerateContent":
             pieces = gemini_stream(model, self.n_events)
             if self.query.get("alt") == ["sse"]:
@@ -355,6 +362,23 @@ def gemini_response(model: str, text: str, last: bool) -> dict:
             "modelVersion": model}
 
 
+def _from_schema(schema: dict):
+    kind = str(schema.get("type", "STRING")).upper()
+    if kind == "OBJECT":
+        props = schema.get("properties", {})
+        return {name: _from_schema(sub) for name, sub in props.items()}
+    return {"INTEGER": 1, "NUMBER": 1.0, "BOOLEAN": False, "ARRAY": []}.get(kind, "fake")
+
+
+def gemini_text(request: dict) -> str:
+    """Plain text, or a JSON document matching the schema the client asked for."""
+    config = request.get("generationConfig") or {}
+    schema = config.get("responseJsonSchema") or config.get("responseSchema")
+    if config.get("responseMimeType") == "application/json":
+        return json.dumps(_from_schema(schema) if isinstance(schema, dict) else {})
+    return "Hello from fake Gemini."
+
+
 def gemini_stream(model: str, pieces: int) -> list[dict]:
     return [gemini_response(model, f"chunk{i} ", i == pieces - 1) for i in range(pieces)]
 
@@ -363,7 +387,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=9999)
     args = parser.parse_args()
-    fake = FakeUpstream(port=args.port)
+    fake = FakeUpstream(port=args.port, verbose=True)
     print(f"fake upstream on {fake.url}; API key {FAKE_API_KEY}, OAuth token {FAKE_OAUTH_TOKEN}, "
           f"Gemini keys {','.join(FAKE_GEMINI_KEYS)}", flush=True)
     fake.server.serve_forever()

@@ -93,11 +93,9 @@ class Anthropic(Provider):
         )
 
     def error_body(self, error: GatewayError) -> bytes:
+        kind = ERROR_TYPES.get(error.kind, "api_error")
         return json.dumps(
-            {
-                "type": "error",
-                "error": {"type": ERROR_TYPES.get(error.kind, "api_error"), "message": error.message},
-            }
+            {"type": "error", "error": {"type": kind, "message": error.message}}
         ).encode()
 
     def stream_error_frame(self, error: GatewayError, content_type: str) -> bytes | None:
