@@ -114,15 +114,23 @@ class Forwarder:
         except requests.exceptions.Timeout as exc:
             log.warning(
                 "upstream timeout before headers",
-                extra={"event": "upstream_timeout", "provider": provider.name,
-                       "error": type(exc).__name__, "credential": credential_id},
+                extra={
+                    "event": "upstream_timeout",
+                    "provider": provider.name,
+                    "error": type(exc).__name__,
+                    "credential": credential_id,
+                },
             )
             raise UpstreamTimeout() from None
         except requests.exceptions.RequestException as exc:
             log.warning(
                 "upstream unreachable",
-                extra={"event": "upstream_unreachable", "provider": provider.name,
-                       "error": type(exc).__name__, "credential": credential_id},
+                extra={
+                    "event": "upstream_unreachable",
+                    "provider": provider.name,
+                    "error": type(exc).__name__,
+                    "credential": credential_id,
+                },
             )
             raise UpstreamUnreachable() from None
         return relay(upstream.raw, provider, method)
@@ -221,8 +229,9 @@ def relay(raw: urllib3.HTTPResponse, provider: Provider, method: str) -> Respons
     headers = [(k, v) for k, v in raw.headers.items() if k.lower() not in RESPONSE_DROP]
     status = f"{raw.status} {raw.reason}" if raw.reason else raw.status
     length = raw.headers.get("content-length")
-    if method == "HEAD" or (length is not None and length.isdigit()
-                            and int(length) <= WHOLE_BODY_BYTES):
+    if method == "HEAD" or (
+        length is not None and length.isdigit() and int(length) <= WHOLE_BODY_BYTES
+    ):
         body = read_whole(raw, provider) if method != "HEAD" else b""
         if method == "HEAD":
             raw.release_conn()
@@ -253,8 +262,11 @@ def read_whole(raw: urllib3.HTTPResponse, provider: Provider) -> bytes:
         error = _stream_error(exc)
         log.warning(
             "upstream failed while sending the body",
-            extra={"event": "upstream_body_failed", "provider": provider.name,
-                   "error": type(exc).__name__},
+            extra={
+                "event": "upstream_body_failed",
+                "provider": provider.name,
+                "error": type(exc).__name__,
+            },
         )
         raise error from None
     raw.release_conn()
@@ -307,8 +319,11 @@ class UpstreamBody:
         error = _stream_error(exc)
         log.warning(
             "upstream failed mid-stream",
-            extra={"event": "upstream_stream_failed", "provider": self._provider,
-                   "error": type(exc).__name__},
+            extra={
+                "event": "upstream_stream_failed",
+                "provider": self._provider,
+                "error": type(exc).__name__,
+            },
         )
         self._release(clean=False)
         frame = self._frame(error, self._content_type) if self._frame else None

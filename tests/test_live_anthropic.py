@@ -69,8 +69,11 @@ def assert_no_secret(*texts: str | bytes) -> None:
 def test_sdk_message_reaches_upstream_with_oauth_token_not_secret(
     gateway, fake_upstream, test_id, presented_as
 ):
-    client = sdk(gateway, test_id, **{presented_as: SECRET, **(
-        {"api_key": None} if presented_as == "auth_token" else {})})
+    client = sdk(
+        gateway,
+        test_id,
+        **{presented_as: SECRET, **({"api_key": None} if presented_as == "auth_token" else {})},
+    )
     message = client.messages.create(model=MODEL, max_tokens=16, messages=MESSAGES)
 
     assert message.content[0].text == "Hello from fake Claude."
@@ -84,7 +87,9 @@ def test_sdk_message_reaches_upstream_with_oauth_token_not_secret(
 def test_oauth_beta_merged_after_client_betas_in_order(gateway, fake_upstream, test_id):
     client = sdk(gateway, test_id)
     client.messages.create(
-        model=MODEL, max_tokens=16, messages=MESSAGES,
+        model=MODEL,
+        max_tokens=16,
+        messages=MESSAGES,
         extra_headers={"anthropic-beta": "b-two, b-one,b-two"},
     )
     [seen] = fake_upstream.matching(test_id)
@@ -96,7 +101,9 @@ def test_api_key_gateway_sends_x_api_key_and_leaves_betas_untouched(
 ):
     client = sdk(gateway_api_key, test_id)
     client.messages.create(
-        model=MODEL, max_tokens=16, messages=MESSAGES,
+        model=MODEL,
+        max_tokens=16,
+        messages=MESSAGES,
         extra_headers={"anthropic-beta": "b-two , b-one"},
     )
     [seen] = fake_upstream.matching(test_id)
@@ -107,11 +114,19 @@ def test_api_key_gateway_sends_x_api_key_and_leaves_betas_untouched(
 
 def test_body_query_and_end_to_end_headers_forwarded_unchanged(gateway, fake_upstream, test_id):
     body = b'{"messages": [{"role":"user","content":"h\\u00e9"}],   "model":"m","max_tokens":1}'
-    response, _ = post(gateway, "/v1/messages?beta=true", body, {
-        "x-api-key": SECRET, "content-type": "application/json", "x-test-id": test_id,
-        "anthropic-version": "2023-06-01", "x-claude-code-session-id": "sess-123",
-        "user-agent": "claude-cli/2.1 (external, cli)",
-    })
+    response, _ = post(
+        gateway,
+        "/v1/messages?beta=true",
+        body,
+        {
+            "x-api-key": SECRET,
+            "content-type": "application/json",
+            "x-test-id": test_id,
+            "anthropic-version": "2023-06-01",
+            "x-claude-code-session-id": "sess-123",
+            "user-agent": "claude-cli/2.1 (external, cli)",
+        },
+    )
     assert response.status == 200
     [seen] = fake_upstream.matching(test_id)
     assert (seen.path, seen.query, seen.body) == ("/v1/messages", "beta=true", body)
@@ -129,7 +144,9 @@ def test_sdk_stream_events_arrive_spaced_as_upstream_sent_them(gateway, test_id)
     arrivals: list[tuple[str, float]] = []
     start = time.monotonic()
     with client.messages.stream(
-        model=MODEL, max_tokens=16, messages=MESSAGES,
+        model=MODEL,
+        max_tokens=16,
+        messages=MESSAGES,
         extra_headers={"x-fake-gap-ms": str(int(gap * 1000)), "x-fake-events": "4"},
     ) as stream:
         for event in stream:
@@ -148,10 +165,17 @@ def test_sdk_stream_events_arrive_spaced_as_upstream_sent_them(gateway, test_id)
 def test_raw_stream_first_chunk_arrives_before_upstream_sends_the_second(gateway, test_id):
     conn = gateway.connection("anthropic")
     start = time.monotonic()
-    conn.request("POST", "/v1/messages", body=message_body(stream=True), headers={
-        "authorization": f"Bearer {SECRET}", "content-type": "application/json",
-        "x-fake-gap-ms": "400", "x-test-id": test_id,
-    })
+    conn.request(
+        "POST",
+        "/v1/messages",
+        body=message_body(stream=True),
+        headers={
+            "authorization": f"Bearer {SECRET}",
+            "content-type": "application/json",
+            "x-fake-gap-ms": "400",
+            "x-test-id": test_id,
+        },
+    )
     response = conn.getresponse()
     assert response.status == 200
     assert response.getheader("content-type").startswith("text/event-stream")
@@ -172,7 +196,9 @@ def test_stream_longer_than_the_silence_timeout_runs_to_its_end(gateway, test_id
     # The gateway's read timeout is 2 s; this stream lasts ~5.6 s but is never quiet 2 s.
     client = sdk(gateway, test_id)
     with client.messages.stream(
-        model=MODEL, max_tokens=16, messages=MESSAGES,
+        model=MODEL,
+        max_tokens=16,
+        messages=MESSAGES,
         extra_headers={"x-fake-gap-ms": "700", "x-fake-events": "6"},
     ) as stream:
         text = stream.get_final_text()
@@ -180,10 +206,17 @@ def test_stream_longer_than_the_silence_timeout_runs_to_its_end(gateway, test_id
 
 
 def test_stall_mid_stream_ends_with_an_error_event(gateway, fake_upstream, test_id):
-    response, body = post(gateway, "/v1/messages", message_body(stream=True), {
-        "x-api-key": SECRET, "content-type": "application/json",
-        "x-fake-scenario": "stall-mid:5", "x-test-id": test_id,
-    })
+    response, body = post(
+        gateway,
+        "/v1/messages",
+        message_body(stream=True),
+        {
+            "x-api-key": SECRET,
+            "content-type": "application/json",
+            "x-fake-scenario": "stall-mid:5",
+            "x-test-id": test_id,
+        },
+    )
     assert response.status == 200
     assert body.startswith(b"event: message_start")
     assert b"message_stop" not in body
@@ -196,7 +229,9 @@ def test_sdk_sees_a_failure_when_upstream_drops_mid_stream(gateway, test_id):
     client = sdk(gateway, test_id)
     with pytest.raises(anthropic.APIError):
         with client.messages.stream(
-            model=MODEL, max_tokens=16, messages=MESSAGES,
+            model=MODEL,
+            max_tokens=16,
+            messages=MESSAGES,
             extra_headers={"x-fake-scenario": "drop"},
         ) as stream:
             for _ in stream:
@@ -209,7 +244,8 @@ def test_client_hangup_closes_the_upstream_stream(gateway, fake_upstream, test_i
     sock.sendall(
         b"POST /v1/messages HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
         + f"x-api-key: {SECRET}\r\nx-fake-gap-ms: 300\r\nx-fake-events: 40\r\n".encode()
-        + f"x-test-id: {test_id}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
+        + f"x-test-id: {test_id}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+        + body
     )
     received = b""
     while b"message_start" not in received:
@@ -255,10 +291,17 @@ def test_unknown_model_is_the_upstreams_own_404(gateway, test_id):
 
 @pytest.mark.parametrize("status", [400, 429, 500, 529])
 def test_upstream_error_status_body_and_headers_pass_through(gateway, test_id, status):
-    response, body = post(gateway, "/v1/messages", message_body(), {
-        "x-api-key": SECRET, "content-type": "application/json",
-        "x-fake-scenario": f"error:{status}", "x-test-id": test_id,
-    })
+    response, body = post(
+        gateway,
+        "/v1/messages",
+        message_body(),
+        {
+            "x-api-key": SECRET,
+            "content-type": "application/json",
+            "x-fake-scenario": f"error:{status}",
+            "x-test-id": test_id,
+        },
+    )
     assert response.status == status
     assert response.getheader("retry-after") == "7"
     assert response.getheader("x-should-retry") == "true"
@@ -275,16 +318,26 @@ def test_upstream_error_status_body_and_headers_pass_through(gateway, test_id, s
 def test_sdk_raises_rate_limit_error_from_upstream_429(gateway, test_id):
     with pytest.raises(anthropic.RateLimitError):
         sdk(gateway, test_id).messages.create(
-            model=MODEL, max_tokens=16, messages=MESSAGES,
+            model=MODEL,
+            max_tokens=16,
+            messages=MESSAGES,
             extra_headers={"x-fake-scenario": "error:429"},
         )
 
 
 def test_gzip_body_relayed_compressed_with_matching_headers(gateway, test_id):
-    response, body = post(gateway, "/v1/messages", message_body(), {
-        "x-api-key": SECRET, "content-type": "application/json", "accept-encoding": "gzip",
-        "x-fake-scenario": "gzip", "x-test-id": test_id,
-    })
+    response, body = post(
+        gateway,
+        "/v1/messages",
+        message_body(),
+        {
+            "x-api-key": SECRET,
+            "content-type": "application/json",
+            "accept-encoding": "gzip",
+            "x-fake-scenario": "gzip",
+            "x-test-id": test_id,
+        },
+    )
     assert response.status == 200
     assert response.getheader("content-encoding") == "gzip"
     assert int(response.getheader("content-length")) == len(body)
@@ -299,19 +352,33 @@ def test_sdk_reads_gzip_answer(gateway, test_id):
 
 
 def test_close_delimited_upstream_body_arrives_whole(gateway, test_id):
-    response, body = post(gateway, "/v1/messages", message_body(), {
-        "x-api-key": SECRET, "content-type": "application/json",
-        "x-fake-scenario": "close-delimited", "x-test-id": test_id,
-    })
+    response, body = post(
+        gateway,
+        "/v1/messages",
+        message_body(),
+        {
+            "x-api-key": SECRET,
+            "content-type": "application/json",
+            "x-fake-scenario": "close-delimited",
+            "x-test-id": test_id,
+        },
+    )
     assert response.status == 200
     assert json.loads(body)["content"][0]["text"] == "Hello from fake Claude."
 
 
 def test_upstream_redirect_is_relayed_not_followed(gateway, fake_upstream, test_id):
-    response, _ = post(gateway, "/v1/messages", message_body(), {
-        "x-api-key": SECRET, "content-type": "application/json",
-        "x-fake-scenario": "redirect", "x-test-id": test_id,
-    })
+    response, _ = post(
+        gateway,
+        "/v1/messages",
+        message_body(),
+        {
+            "x-api-key": SECRET,
+            "content-type": "application/json",
+            "x-fake-scenario": "redirect",
+            "x-test-id": test_id,
+        },
+    )
     assert response.status == 302
     assert len(fake_upstream.matching(test_id)) == 1
 
@@ -340,8 +407,12 @@ def anthropic_error(body: bytes, kind: str) -> dict:
     ids=["missing", "wrong-key", "wrong-bearer", "basic-scheme", "prefix", "latin1-bytes"],
 )
 def test_bad_secret_is_401_and_nothing_is_forwarded(gateway, fake_upstream, test_id, headers):
-    response, body = post(gateway, "/v1/messages", message_body(),
-                             {"content-type": "application/json", "x-test-id": test_id, **headers})
+    response, body = post(
+        gateway,
+        "/v1/messages",
+        message_body(),
+        {"content-type": "application/json", "x-test-id": test_id, **headers},
+    )
     assert response.status == 401
     anthropic_error(body, "authentication_error")
     assert fake_upstream.matching(test_id) == []
@@ -375,10 +446,18 @@ def test_body_over_the_limit_is_413_before_it_is_read(gateway, fake_upstream, te
 def test_chunked_body_over_the_limit_is_413(gateway, fake_upstream, test_id):
     conn = gateway.connection("anthropic")
     big = (b"x" * 65536 for _ in range(32))  # 2 MiB, no Content-Length
-    conn.request("POST", "/v1/messages", body=big, encode_chunked=True, headers={
-        "x-api-key": SECRET, "content-type": "application/json", "x-test-id": test_id,
-        "transfer-encoding": "chunked",
-    })
+    conn.request(
+        "POST",
+        "/v1/messages",
+        body=big,
+        encode_chunked=True,
+        headers={
+            "x-api-key": SECRET,
+            "content-type": "application/json",
+            "x-test-id": test_id,
+            "transfer-encoding": "chunked",
+        },
+    )
     response = conn.getresponse()
     body = response.read()
     conn.close()
@@ -391,16 +470,24 @@ def test_body_at_the_limit_is_forwarded_whole(gateway, fake_upstream, test_id):
     padding = 1024 * 1024 - len(message_body(pad=""))
     body = message_body(pad="p" * padding)
     assert len(body) == 1024 * 1024
-    response, _ = post(gateway, "/v1/messages", body, {
-        "x-api-key": SECRET, "content-type": "application/json", "x-test-id": test_id})
+    response, _ = post(
+        gateway,
+        "/v1/messages",
+        body,
+        {"x-api-key": SECRET, "content-type": "application/json", "x-test-id": test_id},
+    )
     assert response.status == 200
     [seen] = fake_upstream.matching(test_id)
     assert seen.body == body
 
 
 def test_unreachable_upstream_is_502(gateway_unreachable, test_id):
-    response, body = post(gateway_unreachable, "/v1/messages", message_body(), {
-        "x-api-key": SECRET, "content-type": "application/json"})
+    response, body = post(
+        gateway_unreachable,
+        "/v1/messages",
+        message_body(),
+        {"x-api-key": SECRET, "content-type": "application/json"},
+    )
     assert response.status == 502
     parsed = anthropic_error(body, "api_error")
     assert "127.0.0.1" not in parsed["error"]["message"]
@@ -408,9 +495,17 @@ def test_unreachable_upstream_is_502(gateway_unreachable, test_id):
 
 def test_upstream_silent_before_headers_is_504_after_the_timeout(gateway, test_id):
     start = time.monotonic()
-    response, body = post(gateway, "/v1/messages", message_body(), {
-        "x-api-key": SECRET, "content-type": "application/json",
-        "x-fake-scenario": "stall:4", "x-test-id": test_id})
+    response, body = post(
+        gateway,
+        "/v1/messages",
+        message_body(),
+        {
+            "x-api-key": SECRET,
+            "content-type": "application/json",
+            "x-fake-scenario": "stall:4",
+            "x-test-id": test_id,
+        },
+    )
     elapsed = time.monotonic() - start
     assert response.status == 504
     anthropic_error(body, "timeout_error")
@@ -419,7 +514,9 @@ def test_upstream_silent_before_headers_is_504_after_the_timeout(gateway, test_i
 
 def test_gemini_paths_are_404_on_the_anthropic_port(gateway, fake_upstream, test_id):
     response, body = post(
-        gateway, "/v1beta/models/gemini-2.5-flash:generateContent", b"{}",
+        gateway,
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        b"{}",
         {"x-api-key": SECRET, "x-goog-api-key": SECRET, "x-test-id": test_id},
     )
     assert response.status == 404

@@ -1,0 +1,80 @@
+"""gunicorn.conf.py: binds both ports from validated settings, imports nothing heavy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT, SECRET
+
+
+def conf_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHIM_")}
+    env.update(
+        SHIM_SHARED_SECRET=SECRET,
+        SHIM_ANTHROPIC_API_KEY="sk-ant-api03-conf-test-key",
+        SHIM_GEMINI_KEYS_FILE="",
+        SHIM_BIND_HOST="127.0.0.1",
+        SHIM_ANTHROPIC_PORT="18001",
+        SHIM_GEMINI_PORT="18002",
+        SHIM_WORKERS="3",
+    )
+    env.update(overrides)
+    return env
+
+
+LOAD_CONF = """
+import json, runpy, sys
+ns = runpy.run_path("gunicorn.conf.py")
+heavy = [m for m in ("ssl", "requests", "urllib3", "flask", "gevent", "shim.app", "shim.forward")
+         if m in sys.modules]
+names = ("bind", "workers", "worker_class", "control_socket_disable", "accesslog", "timeout")
+print(json.dumps({"heavy": heavy, "preload": ns.get("preload_app", False),
+                  **{k: ns.get(k) for k in names}}))
+"""
+
+
+def load_conf(**overrides: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_CONF],
+        cwd=ROOT,
+        env=conf_env(**overrides),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+def test_master_config_imports_no_network_or_web_stack():
+    # gevent patches workers at boot; ssl/requests imported in the master stay unpatched.
+    assert load_conf()["heavy"] == []
+
+
+def test_binds_both_ports_with_gevent_workers_from_settings():
+    conf = load_conf()
+    assert conf["bind"] == ["127.0.0.1:18001", "127.0.0.1:18002"]
+    assert (conf["workers"], conf["worker_class"]) == (3, "gevent")
+    assert conf["preload"] is False
+    assert conf["control_socket_disable"] is True
+    assert conf["accesslog"] is None  # gunicorn's access line would carry ?key=
+
+
+def test_bad_environment_stops_gunicorn_with_a_message_naming_the_variable():
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT,
+        env=conf_env(SHIM_ANTHROPIC_PORT="abc", SHIM_HTTP_TIMEOUT_S="-3"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "SHIM_ANTHROPIC_PORT: expected an integer 1-65535, got 'abc'" in output
+    assert "SHIM_HTTP_TIMEOUT_S" in output
+    assert SECRET not in output
+    assert "Traceback" not in output
