@@ -86,7 +86,13 @@ def make_blueprint(
 
     for route in provider.routes:
         blueprint.add_url_rule(
-            route.rule, route.endpoint, proxy, methods=list(route.methods), host=provider.name
+            route.rule,
+            route.endpoint,
+            proxy,
+            methods=list(route.methods),
+            host=provider.name,
+            # No Flask-made OPTIONS answer: an API gateway for SDKs serves no CORS preflight.
+            provide_automatic_options=False,
         )
     for rule, endpoint in (("/health", "health"), ("/", "root")):
         blueprint.add_url_rule(rule, endpoint, _health, methods=["GET"], host=provider.name)
