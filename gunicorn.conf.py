@@ -30,15 +30,17 @@ bind = [
 # CPU is the limit on the target box: one process per core, each multiplexing
 # its streams on greenlets.
 workers = _settings.workers
-worker_class = "gevent"
+# gunicorn's gevent worker plus a prompt graceful stop and JSON framing errors.
+worker_class = "shim.worker.ShimWorker"
 # Open connections per worker; one long agent stream holds one for minutes.
 worker_connections = 1000
 
 # Heartbeat, not a request limit: a gevent worker notifies from its own
 # greenlet, so a 10-minute stream is fine as long as nothing blocks the loop.
 timeout = 30
-# On SIGTERM in-flight streams get this long to finish before workers are killed.
-graceful_timeout = 30
+# On SIGTERM in-flight streams get this long to finish; then they end with the
+# provider's error frame. Idle keep-alive connections close at once (shim.worker).
+graceful_timeout = int(_settings.graceful_timeout_s + 0.999)
 # Idle client keep-alive; kept above nginx's upstream keepalive_timeout.
 keepalive = 75
 

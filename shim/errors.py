@@ -8,8 +8,10 @@ Tree (rendering into a provider's JSON shape lives in each provider module)::
     ├── NotFound (404)
     ├── MethodNotAllowed (405)
     ├── PayloadTooLarge (413)
+    ├── RateLimited (429)
     ├── UpstreamUnreachable (502)
     ├── ProviderNotConfigured (503)
+    ├── ShuttingDown (503)
     └── UpstreamTimeout (504)
 
 Messages are fixed strings meant for clients; details (exception classes,
@@ -18,6 +20,47 @@ hosts or keys.
 """
 
 from __future__ import annotations
+
+import json
+
+# How each kind reads on each provider's wire. Shared by the provider specs and
+# by the gunicorn worker, which answers framing errors before the app runs.
+ANTHROPIC_TYPES = {
+    "invalid_request": "invalid_request_error",
+    "authentication": "authentication_error",
+    "not_found": "not_found_error",
+    "method_not_allowed": "invalid_request_error",
+    "too_large": "request_too_large",
+    "rate_limited": "rate_limit_error",
+    "upstream_unreachable": "api_error",
+    "not_configured": "api_error",
+    "upstream_timeout": "timeout_error",
+    "shutting_down": "overloaded_error",
+    "internal": "api_error",
+}
+GOOGLE_STATUSES = {
+    "invalid_request": "INVALID_ARGUMENT",
+    "authentication": "UNAUTHENTICATED",
+    "not_found": "NOT_FOUND",
+    "method_not_allowed": "INVALID_ARGUMENT",
+    "too_large": "INVALID_ARGUMENT",
+    "rate_limited": "RESOURCE_EXHAUSTED",
+    "upstream_unreachable": "UNAVAILABLE",
+    "not_configured": "UNAVAILABLE",
+    "upstream_timeout": "DEADLINE_EXCEEDED",
+    "shutting_down": "UNAVAILABLE",
+    "internal": "INTERNAL",
+}
+
+
+def anthropic_error_body(kind: str, message: str) -> bytes:
+    error = {"type": ANTHROPIC_TYPES.get(kind, "api_error"), "message": message}
+    return json.dumps({"type": "error", "error": error}).encode()
+
+
+def google_error_body(status: int, kind: str, message: str) -> bytes:
+    error = {"code": status, "message": message, "status": GOOGLE_STATUSES.get(kind, "INTERNAL")}
+    return json.dumps({"error": error}).encode()
 
 
 class GatewayError(Exception):
@@ -61,6 +104,12 @@ class PayloadTooLarge(GatewayError):
     message = "The request body is larger than this gateway accepts."
 
 
+class RateLimited(GatewayError):
+    status = 429
+    kind = "rate_limited"
+    message = "Every upstream key is cooling down after a rate limit; retry later."
+
+
 class UpstreamUnreachable(GatewayError):
     status = 502
     kind = "upstream_unreachable"
@@ -77,3 +126,11 @@ class UpstreamTimeout(GatewayError):
     status = 504
     kind = "upstream_timeout"
     message = "The upstream API did not answer in time."
+
+
+class ShuttingDown(GatewayError):
+    """A stream cut because the worker is stopping (deploy, restart) past its grace period."""
+
+    status = 503
+    kind = "shutting_down"
+    message = "The gateway is restarting; retry the request."

@@ -18,6 +18,7 @@ Hot-path choices (every request, every chunk), measured in bench/:
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator
 
 import requests
@@ -25,10 +26,12 @@ import urllib3.exceptions
 from requests.adapters import HTTPAdapter, TimeoutSauce
 from werkzeug.wrappers import Response
 
+from shim import hangup
 from shim.errors import (
     BadRequest,
     GatewayError,
     PayloadTooLarge,
+    ShuttingDown,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
@@ -97,7 +100,6 @@ class Forwarder:
     def forward(self, provider: Provider, environ: dict) -> Response:
         """Forward the request in ``environ`` to ``provider``'s upstream and relay the answer."""
         headers = upstream_headers(environ, provider.client_credential_headers)
-        credential_id = provider.add_credential(headers)
         body = read_body(environ, self.max_body_bytes)
         method = environ["REQUEST_METHOD"]
 
@@ -109,31 +111,43 @@ class Forwarder:
             prepared.body = body
         prepared.headers = headers  # type: ignore[assignment]  # a plain dict is all urllib3 needs
 
+        # At most one retry, and only before any byte went to the client: a key
+        # the provider benched on this answer is swapped for the next one.
+        for attempt in (1, 2):
+            credential = provider.add_credential(headers)
+            raw = self._send(prepared, provider, credential)
+            if raw.status not in provider.retry_statuses:
+                return relay(raw, provider, method, environ)
+            answer = read_whole(raw, provider)
+            if provider.after_failure(credential, raw.status, raw.headers, answer) and attempt == 1:
+                log.info(
+                    "retrying on another credential",
+                    extra={"event": "upstream_retry", "provider": provider.name,
+                           "upstream_status": raw.status, "credential": credential},
+                )
+                continue
+            return whole_response(raw, answer)
+        raise AssertionError("unreachable")  # the loop always returns on its second pass
+
+    def _send(
+        self, prepared: requests.PreparedRequest, provider: Provider, credential: str | None
+    ) -> urllib3.HTTPResponse:
         try:
-            upstream = self.adapter.send(prepared, stream=True, timeout=self.timeout)
+            return self.adapter.send(prepared, stream=True, timeout=self.timeout).raw
         except requests.exceptions.Timeout as exc:
             log.warning(
                 "upstream timeout before headers",
-                extra={
-                    "event": "upstream_timeout",
-                    "provider": provider.name,
-                    "error": type(exc).__name__,
-                    "credential": credential_id,
-                },
+                extra={"event": "upstream_timeout", "provider": provider.name,
+                       "error": type(exc).__name__, "credential": credential},
             )
             raise UpstreamTimeout() from None
         except requests.exceptions.RequestException as exc:
             log.warning(
                 "upstream unreachable",
-                extra={
-                    "event": "upstream_unreachable",
-                    "provider": provider.name,
-                    "error": type(exc).__name__,
-                    "credential": credential_id,
-                },
+                extra={"event": "upstream_unreachable", "provider": provider.name,
+                       "error": type(exc).__name__, "credential": credential},
             )
             raise UpstreamUnreachable() from None
-        return relay(upstream.raw, provider, method)
 
 
 def upstream_headers(environ: dict, credential_headers: frozenset[str]) -> dict[str, str]:
@@ -224,18 +238,30 @@ def _read(stream, size: int) -> bytes:  # noqa: ANN001 - any WSGI input stream
         raise BadRequest("The request body could not be read.") from None
 
 
-def relay(raw: urllib3.HTTPResponse, provider: Provider, method: str) -> Response:
+def response_headers(raw: urllib3.HTTPResponse) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in raw.headers.items() if k.lower() not in RESPONSE_DROP]
+
+
+def status_line(raw: urllib3.HTTPResponse) -> str | int:
+    return f"{raw.status} {raw.reason}" if raw.reason else raw.status
+
+
+def whole_response(raw: urllib3.HTTPResponse, body: bytes) -> Response:
+    """The client's response for an upstream answer already read whole."""
+    return Response(
+        [body], status=status_line(raw), headers=response_headers(raw), direct_passthrough=True
+    )
+
+
+def relay(raw: urllib3.HTTPResponse, provider: Provider, method: str, environ: dict) -> Response:
     """Turn the upstream response into the client's, bytes untouched."""
-    headers = [(k, v) for k, v in raw.headers.items() if k.lower() not in RESPONSE_DROP]
-    status = f"{raw.status} {raw.reason}" if raw.reason else raw.status
     length = raw.headers.get("content-length")
-    if method == "HEAD" or (
-        length is not None and length.isdigit() and int(length) <= WHOLE_BODY_BYTES
-    ):
-        body = read_whole(raw, provider) if method != "HEAD" else b""
-        if method == "HEAD":
-            raw.release_conn()
-        return Response([body], status=status, headers=headers, direct_passthrough=True)
+    if method == "HEAD":
+        raw.release_conn()
+        return whole_response(raw, b"")
+    if length is not None and length.isdigit() and int(length) <= WHOLE_BODY_BYTES:
+        return whole_response(raw, read_whole(raw, provider))
+    headers = response_headers(raw)
     if length is None:
         # A body of unknown length is a stream: tell a proxy in front not to buffer it.
         headers.append(("X-Accel-Buffering", "no"))
@@ -244,12 +270,9 @@ def relay(raw: urllib3.HTTPResponse, provider: Provider, method: str) -> Respons
         frame = None  # an error frame cannot be appended to a compressed body
     else:
         frame = provider.stream_error_frame
-    return Response(
-        UpstreamBody(raw, provider.name, content_type, frame),
-        status=status,
-        headers=headers,
-        direct_passthrough=True,
-    )
+    body = UpstreamBody(raw, provider.name, content_type, frame)
+    body.watch_client(environ.get("gunicorn.socket"))
+    return Response(body, status=status_line(raw), headers=headers, direct_passthrough=True)
 
 
 def read_whole(raw: urllib3.HTTPResponse, provider: Provider) -> bytes:
@@ -286,11 +309,21 @@ class UpstreamBody:
     client must *see* a failure, never a clean end that looks complete: the
     provider's error frame is sent if it has one for this content type,
     otherwise the stream is aborted (the server drops the connection without
-    the terminating chunk). ``close`` is called by the server even when the
-    body was never iterated (HEAD, client gone): it always releases upstream.
+    the terminating chunk). The same happens when the worker is stopped past
+    its grace period (gevent's GreenletExit arrives while we wait on upstream).
+
+    A client that hangs up while upstream is quiet is noticed by a watcher on
+    its socket, which cuts the upstream connection at once, so an abandoned
+    generation stops costing quota without waiting for upstream's next byte.
+
+    ``close`` is called by the server even when the body was never iterated
+    (HEAD, client gone): it always releases upstream.
     """
 
-    __slots__ = ("_raw", "_chunks", "_provider", "_content_type", "_frame", "_complete")
+    __slots__ = (
+        "_raw", "_chunks", "_provider", "_content_type", "_frame", "_complete",
+        "_watch", "_client_gone",
+    )
 
     def __init__(self, raw: urllib3.HTTPResponse, provider: str, content_type: str, frame):  # noqa: ANN001
         self._raw = raw
@@ -298,10 +331,27 @@ class UpstreamBody:
         self._content_type = content_type
         self._frame = frame
         self._complete = False
+        self._watch = None
+        self._client_gone = False
         if raw.chunked:
             self._chunks: Iterator[bytes] = raw.read_chunked(CHUNK_BYTES, decode_content=False)
         else:
             self._chunks = _read1_chunks(raw)
+
+    def watch_client(self, client: socket.socket | None) -> None:
+        if client is not None:
+            self._watch = hangup.watch(client, self._on_client_hangup)
+
+    def _on_client_hangup(self) -> None:
+        self._client_gone = True
+        log.info(
+            "client went away mid-stream; closing upstream",
+            extra={"event": "client_gone", "provider": self._provider},
+        )
+        raw = self._raw
+        if raw is not None:
+            # Wakes the greenlet blocked on upstream's next byte with an EOF.
+            hangup.shutdown_upstream(raw)
 
     def __iter__(self) -> UpstreamBody:
         return self
@@ -313,22 +363,24 @@ class UpstreamBody:
             self._complete = True
             raise
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            return self._fail(exc)
+            if self._client_gone:
+                self._release(clean=False)
+                raise StopIteration from None
+            return self._fail(_stream_error(exc), type(exc).__name__)
+        except hangup.STOPPING:
+            # The worker's grace period is over: end the stream visibly, quickly.
+            return self._fail(ShuttingDown(), "worker_stopping")
 
-    def _fail(self, exc: BaseException) -> bytes:
-        error = _stream_error(exc)
+    def _fail(self, error: GatewayError, cause: str) -> bytes:
         log.warning(
-            "upstream failed mid-stream",
-            extra={
-                "event": "upstream_stream_failed",
-                "provider": self._provider,
-                "error": type(exc).__name__,
-            },
+            "upstream stream ended early",
+            extra={"event": "upstream_stream_failed", "provider": self._provider,
+                   "error": cause, "status": error.status},
         )
         self._release(clean=False)
         frame = self._frame(error, self._content_type) if self._frame else None
         if frame is None:
-            raise StreamAborted(f"upstream failed mid-stream ({type(exc).__name__})") from None
+            raise StreamAborted(f"stream ended early ({cause})") from None
         self._chunks = iter(())
         return frame
 
@@ -336,6 +388,9 @@ class UpstreamBody:
         self._release(clean=self._complete)
 
     def _release(self, clean: bool) -> None:
+        if self._watch is not None:
+            hangup.stop(self._watch)
+            self._watch = None
         raw = self._raw
         if raw is None:
             return

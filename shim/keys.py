@@ -11,7 +11,8 @@ Standard library only: settings.py (loaded by gunicorn's master) imports it.
 from __future__ import annotations
 
 import hashlib
-import itertools
+import time
+from collections.abc import Callable
 
 
 class KeyFileError(ValueError):
@@ -51,12 +52,21 @@ def key_id(key: str) -> str:
 
 
 class KeyPool:
-    """Round-robin over a fixed set of keys, one pool per worker process."""
+    """Round-robin over a fixed set of keys, skipping keys that are cooling down or disabled.
 
-    def __init__(self, keys: tuple[str, ...]):
+    State is per worker process (``memory``); a 429 on one worker benches the
+    key on that worker only. Keys are addressed by ``key_id`` outside this
+    class so callers never need to hold or log a key.
+    """
+
+    def __init__(self, keys: tuple[str, ...], clock: Callable[[], float] = time.monotonic):
         self._keys = keys
         self._ids = {key: key_id(key) for key in keys}
-        self._cycle = itertools.cycle(keys) if keys else None
+        self._by_id = {ident: key for key, ident in self._ids.items()}
+        self._next = 0
+        self._clock = clock
+        self._cooling_until: dict[str, float] = {}  # key id -> monotonic time it is back
+        self._disabled: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -65,8 +75,62 @@ class KeyPool:
         return f"KeyPool(size={len(self._keys)}, ids={list(self._ids.values())})"
 
     def next_key(self) -> str | None:
-        """Return the next key in turn, or None when the pool is empty."""
-        return next(self._cycle) if self._cycle is not None else None
+        """Return the next available key in turn, or None when none is available now."""
+        now = self._clock()
+        count = len(self._keys)
+        for step in range(count):
+            key = self._keys[(self._next + step) % count]
+            ident = self._ids[key]
+            if ident in self._disabled:
+                continue
+            until = self._cooling_until.get(ident)
+            if until is not None:
+                if until > now:
+                    continue
+                del self._cooling_until[ident]
+            self._next = (self._next + step + 1) % count
+            return key
+        return None
 
     def id_of(self, key: str) -> str:
         return self._ids.get(key) or key_id(key)
+
+    def cool_down(self, ident: str, seconds: float) -> None:
+        """Bench the key ``ident`` for ``seconds`` (a longer bench already set is kept)."""
+        if ident in self._by_id:
+            until = self._clock() + max(0.0, seconds)
+            self._cooling_until[ident] = max(until, self._cooling_until.get(ident, 0.0))
+
+    def disable(self, ident: str) -> None:
+        """Take the key ``ident`` out of rotation for the life of the process."""
+        if ident in self._by_id:
+            self._disabled.add(ident)
+            self._cooling_until.pop(ident, None)
+
+    def seconds_until_available(self) -> float | None:
+        """Seconds until the soonest benched key returns; None if every key is disabled."""
+        now = self._clock()
+        waits = [
+            max(0.0, until - now)
+            for ident, until in self._cooling_until.items()
+            if ident not in self._disabled
+        ]
+        usable = len(self._keys) - len(self._disabled)
+        if usable > len(waits):
+            return 0.0
+        return min(waits) if waits else None
+
+    def states(self) -> dict[str, int]:
+        """Count keys by state: available, cooling, disabled."""
+        now = self._clock()
+        cooling = sum(
+            1
+            for ident, until in self._cooling_until.items()
+            if until > now and ident not in self._disabled
+        )
+        disabled = len(self._disabled)
+        return {
+            "available": len(self._keys) - cooling - disabled,
+            "cooling": cooling,
+            "disabled": disabled,
+        }

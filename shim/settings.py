@@ -50,6 +50,7 @@ class Settings:
     gemini_port: int = 8890
     http_timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
+    graceful_timeout_s: float = 120.0
     max_body_bytes: int = 33_554_432
     workers: int = 1
 
@@ -78,6 +79,7 @@ class Settings:
             "gemini_port": env.read("SHIM_GEMINI_PORT", _port, 8890),
             "http_timeout_s": env.read("SHIM_HTTP_TIMEOUT_S", _seconds, 600.0),
             "connect_timeout_s": env.read("SHIM_CONNECT_TIMEOUT_S", _seconds, 10.0),
+            "graceful_timeout_s": env.read("SHIM_GRACEFUL_TIMEOUT_S", _seconds, 120.0),
             "max_body_bytes": env.read("SHIM_MAX_BODY_BYTES", _positive_int, 33_554_432),
             "workers": env.read("SHIM_WORKERS", _workers, _default_workers()),
         }

@@ -11,6 +11,10 @@ them untouched):
 
 - ``x-fake-gap-ms``: pause between streamed events (default 0);
 - ``x-fake-events``: number of text deltas in a stream (default 3);
+- ``x-fake-limited-keys``: indexes into FAKE_GEMINI_KEYS (``0,2``) that get a
+  Gemini 429 with ``RetryInfo`` (``x-fake-retry-delay``, default ``30s``) and
+  ``QuotaFailure`` (``x-fake-quota``, default a per-minute quota id);
+- ``x-fake-invalid-keys``: indexes of keys answered 400 ``API_KEY_INVALID``;
 - ``x-fake-scenario``: ``error:<status>`` (provider-shaped error with
   ``retry-after`` and rate-limit headers), ``stall:<seconds>`` (sleep before
   headers), ``gzip`` (gzip-encoded JSON body), ``drop`` (send two events, then
@@ -260,6 +264,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, json.dumps(anthropic_model(model)).encode())
         return self._error(404, False, "Not found")
 
+    def _gemini_key_error(self, status: int, message: str, details: list[dict]) -> None:
+        names = {400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED"}
+        body = {"error": {"code": status, "message": message, "status": names[status],
+                          "details": details}}
+        self._send(status, json.dumps(body).encode())
+
     # -- Gemini --------------------------------------------------------------
     def _gemini(self, path: str) -> None:
         if self.rec.header("x-goog-api-key") not in FAKE_GEMINI_KEYS or "key" in self.query:
@@ -267,6 +277,19 @@ class _Handler(BaseHTTPRequestHandler):
                                "API key not valid. Please pass a valid API key.")
         if self.scenario.startswith("error:"):
             return self._error(int(self.scenario.split(":")[1]), True, "Fake upstream error.")
+        key_index = str(FAKE_GEMINI_KEYS.index(self.rec.header("x-goog-api-key")))
+        if key_index in (self.rec.header("x-fake-invalid-keys") or "").split(","):
+            return self._gemini_key_error(400, "API key not valid. Please pass a valid API key.", [
+                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                 "domain": "googleapis.com"}])
+        if key_index in (self.rec.header("x-fake-limited-keys") or "").split(","):
+            quota = self.rec.header("x-fake-quota") or "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"
+            return self._gemini_key_error(429, "You exceeded your current quota.", [
+                {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                 "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                                 "quotaId": quota}]},
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                 "retryDelay": self.rec.header("x-fake-retry-delay") or "30s"}])
         version, _, rest = path.lstrip("/").partition("/")
         if rest == "models":
             models = [gemini_model(m) for m in GEMINI_MODELS]

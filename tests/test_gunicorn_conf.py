@@ -57,7 +57,7 @@ def test_master_config_imports_no_network_or_web_stack():
 def test_binds_both_ports_with_gevent_workers_from_settings():
     conf = load_conf()
     assert conf["bind"] == ["127.0.0.1:18001", "127.0.0.1:18002"]
-    assert (conf["workers"], conf["worker_class"]) == (3, "gevent")
+    assert (conf["workers"], conf["worker_class"]) == (3, "shim.worker.ShimWorker")
     assert conf["preload"] is False
     assert conf["control_socket_disable"] is True
     assert conf["accesslog"] is None  # gunicorn's access line would carry ?key=
@@ -78,3 +78,36 @@ def test_bad_environment_stops_gunicorn_with_a_message_naming_the_variable():
     assert "SHIM_HTTP_TIMEOUT_S" in output
     assert SECRET not in output
     assert "Traceback" not in output
+
+
+WORKER_IMPORTS = """
+import sys
+import gunicorn.workers.ggevent
+before = set(sys.modules)
+import shim.worker
+print(sorted(set(sys.modules) - before))
+"""
+
+
+def test_worker_class_adds_no_imports_to_the_master_beyond_gunicorns_gevent_worker():
+    # gunicorn's master loads the worker class: it must stay as light as gunicorn's own.
+    result = subprocess.run(
+        [sys.executable, "-c", WORKER_IMPORTS],
+        cwd=ROOT,
+        env=conf_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    added = set(json.loads(result.stdout.replace("'", '"')))
+    assert {name.split(".")[0].lstrip("_") for name in added} <= {"shim", "json"}
+    assert added & {"shim.app", "shim.forward", "shim.providers"} == set()
+
+
+def test_worker_class_is_a_gevent_worker():
+    from gunicorn.workers.ggevent import GeventWorker
+
+    from shim.worker import ShimWorker
+
+    assert issubclass(ShimWorker, GeventWorker)

@@ -437,7 +437,9 @@ def test_unknown_model_is_the_upstreams_own_404(gateway, test_id):
 # -- upstream answers passed through ---------------------------------------------
 
 
-@pytest.mark.parametrize("status", [429, 500, 503])
+# 429 is not here: it benches the key (see test_live_gemini_keys.py), which would
+# leak state into the other tests sharing this gateway.
+@pytest.mark.parametrize("status", [500, 503])
 def test_upstream_error_status_body_and_headers_pass_through(gateway, test_id, status):
     response, body = post(
         gateway, GENERATE, headers=authed(test_id, **{"x-fake-scenario": f"error:{status}"})
@@ -453,7 +455,7 @@ def test_upstream_error_status_body_and_headers_pass_through(gateway, test_id, s
 
 @pytest.mark.parametrize(
     ("status", "error_class"),
-    [(429, errors.ClientError), (500, errors.ServerError), (503, errors.ServerError)],
+    [(500, errors.ServerError), (503, errors.ServerError)],
 )
 def test_sdk_raises_the_upstream_error(gateway, test_id, status, error_class):
     client = sdk(gateway, test_id, headers={"x-fake-scenario": f"error:{status}"})

@@ -9,24 +9,11 @@ API key: ``x-api-key`` (ANTHROPIC_API_KEY) or ``Authorization: Bearer``
 
 from __future__ import annotations
 
-import json
-
-from shim.errors import GatewayError, ProviderNotConfigured
+from shim.errors import GatewayError, ProviderNotConfigured, anthropic_error_body
 from shim.providers.base import Provider, Route
 
 OAUTH_BETA = "oauth-2025-04-20"
 
-ERROR_TYPES = {
-    "invalid_request": "invalid_request_error",
-    "authentication": "authentication_error",
-    "not_found": "not_found_error",
-    "method_not_allowed": "invalid_request_error",
-    "too_large": "request_too_large",
-    "upstream_unreachable": "api_error",
-    "not_configured": "api_error",
-    "upstream_timeout": "timeout_error",
-    "internal": "api_error",
-}
 
 
 def merge_beta(client_value: str | None, beta: str) -> str:
@@ -93,10 +80,7 @@ class Anthropic(Provider):
         )
 
     def error_body(self, error: GatewayError) -> bytes:
-        kind = ERROR_TYPES.get(error.kind, "api_error")
-        return json.dumps(
-            {"type": "error", "error": {"type": kind, "message": error.message}}
-        ).encode()
+        return anthropic_error_body(error.kind, error.message)
 
     def stream_error_frame(self, error: GatewayError, content_type: str) -> bytes | None:
         # An SSE client understands an `error` event; anything else gets an aborted body.

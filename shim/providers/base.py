@@ -34,6 +34,8 @@ class Provider:
     routes: tuple[Route, ...] = ()
     # Lower-case header names that carry the client's secret: never forwarded.
     client_credential_headers: frozenset[str] = frozenset()
+    # Upstream statuses whose (small) body the core reads and shows to after_failure.
+    retry_statuses: frozenset[int] = frozenset()
 
     def __init__(self, upstream: str):
         self.upstream = upstream
@@ -53,6 +55,15 @@ class Provider:
     def add_credential(self, headers: dict[str, str]) -> str | None:
         """Attach the upstream credential; return a loggable credential id, if any."""
         raise NotImplementedError
+
+    def after_failure(
+        self, credential: str | None, status: int, headers: dict, body: bytes
+    ) -> bool:
+        """Learn from an error answer on ``credential``; True asks for one retry on another.
+
+        Called before any byte went to the client, so a retry is invisible to it.
+        """
+        return False
 
     def error_body(self, error: GatewayError) -> bytes:
         """Render ``error`` in this provider's JSON error shape."""

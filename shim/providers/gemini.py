@@ -8,26 +8,20 @@ from the forwarded query; the upstream key (next in the pool) travels in the
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from urllib.parse import unquote_to_bytes
 
-from shim.errors import GatewayError, ProviderNotConfigured
+from shim.errors import GatewayError, ProviderNotConfigured, RateLimited, google_error_body
 from shim.keys import KeyPool
 from shim.providers.base import Provider, Route
+
+log = logging.getLogger("shim.gemini")
 
 ACTIONS = "generateContent,streamGenerateContent,countTokens,embedContent,batchEmbedContents"
 _VERSION = "<any(v1beta,v1):version>"
 
-STATUSES = {
-    "invalid_request": "INVALID_ARGUMENT",
-    "authentication": "UNAUTHENTICATED",
-    "not_found": "NOT_FOUND",
-    "method_not_allowed": "INVALID_ARGUMENT",
-    "too_large": "INVALID_ARGUMENT",
-    "upstream_unreachable": "UNAVAILABLE",
-    "not_configured": "UNAVAILABLE",
-    "upstream_timeout": "DEADLINE_EXCEEDED",
-    "internal": "INTERNAL",
-}
 
 
 def query_params(query: str) -> list[tuple[bytes, str]]:
@@ -47,6 +41,75 @@ def without_key(query: str) -> str:
     return "&".join(pair for name, pair in query_params(query) if name != b"key")
 
 
+DEFAULT_COOL_DOWN_S = 60.0
+# Gemini's daily quotas reset at midnight Pacific time; a fixed UTC-8 is at most
+# an hour early in summer, and the key is simply benched again if so.
+PACIFIC = timezone(timedelta(hours=-8))
+# ErrorInfo reasons (and message starts) that mean the key itself is unusable.
+DEAD_KEY_REASONS = frozenset(
+    {"API_KEY_INVALID", "API_KEY_EXPIRED", "API_KEY_SERVICE_BLOCKED", "CONSUMER_SUSPENDED"}
+)
+DEAD_KEY_MESSAGES = ("API key not valid", "API key expired", "Permission denied: Consumer")
+
+
+@dataclass(frozen=True)
+class KeyVerdict:
+    """What an upstream error says about the key that got it."""
+
+    action: str  # "cool_down", "disable" or "keep"
+    seconds: float = 0.0
+    quota: str = ""  # "per_minute", "per_day" or "" when unknown
+
+
+def _seconds(text: object) -> float | None:
+    # Durations are JSON strings like "34s" or "1.5s".
+    if isinstance(text, str) and text.endswith("s"):
+        try:
+            return max(0.0, float(text[:-1]))
+        except ValueError:
+            return None
+    return None
+
+
+def _until_pacific_midnight(now: datetime) -> float:
+    local = now.astimezone(PACIFIC)
+    midnight = (local + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (midnight - local).total_seconds()
+
+
+def judge_key(
+    status: int, retry_after: str | None, body: bytes, now: datetime | None = None
+) -> KeyVerdict:
+    """Read a 429/400/403 answer: bench the key, drop it, or leave it alone."""
+    try:
+        error = json.loads(body).get("error") or {}
+        details = [d for d in error.get("details") or () if isinstance(d, dict)]
+        message = str(error.get("message") or "")
+    except (ValueError, AttributeError):
+        error, details, message = {}, [], ""
+    if status == 429:
+        delay = None
+        quota_ids: list[str] = []
+        for detail in details:
+            kind = str(detail.get("@type", ""))
+            if kind.endswith("google.rpc.RetryInfo"):
+                delay = _seconds(detail.get("retryDelay"))
+            elif kind.endswith("google.rpc.QuotaFailure"):
+                quota_ids += [str(v.get("quotaId", "")) for v in detail.get("violations") or ()]
+        if delay is None and retry_after and retry_after.strip().isdigit():
+            delay = float(retry_after.strip())
+        if any("PerDay" in quota for quota in quota_ids):
+            until_reset = _until_pacific_midnight(now or datetime.now(UTC))
+            return KeyVerdict("cool_down", max(delay or 0.0, until_reset), "per_day")
+        quota = "per_minute" if any("PerMinute" in q for q in quota_ids) else ""
+        return KeyVerdict("cool_down", DEFAULT_COOL_DOWN_S if delay is None else delay, quota)
+    if status in (400, 403):
+        reasons = {str(d.get("reason", "")) for d in details}
+        if reasons & DEAD_KEY_REASONS or message.startswith(DEAD_KEY_MESSAGES):
+            return KeyVerdict("disable")
+    return KeyVerdict("keep")
+
+
 class Gemini(Provider):
     name = "gemini"
     routes = (
@@ -55,6 +118,8 @@ class Gemini(Provider):
         Route(f"/{_VERSION}/models/<model_id:model>:<any({ACTIONS}):action>", "action", ("POST",)),
     )
     client_credential_headers = frozenset({"x-goog-api-key", "authorization"})
+    # Answers that may be about the key rather than the request.
+    retry_statuses = frozenset({400, 403, 429})
 
     def __init__(self, upstream: str, keys: KeyPool):
         super().__init__(upstream)
@@ -86,20 +151,40 @@ class Gemini(Provider):
     def add_credential(self, headers: dict[str, str]) -> str | None:
         key = self.keys.next_key()
         if key is None:
-            raise ProviderNotConfigured(
-                "The gateway has no Gemini API key configured "
-                "(SHIM_GEMINI_KEYS or SHIM_GEMINI_KEYS_FILE)."
-            )
+            if not len(self.keys):
+                raise ProviderNotConfigured(
+                    "The gateway has no Gemini API key configured "
+                    "(SHIM_GEMINI_KEYS or SHIM_GEMINI_KEYS_FILE)."
+                )
+            wait = self.keys.seconds_until_available()
+            if wait is None:
+                raise ProviderNotConfigured("Every Gemini API key on the gateway was rejected.")
+            retry_after = str(max(1, int(wait + 0.999)))
+            raise RateLimited(headers=(("Retry-After", retry_after),))
         headers["x-goog-api-key"] = key
         return self.keys.id_of(key)
 
+    def after_failure(
+        self, credential: str | None, status: int, headers: dict, body: bytes
+    ) -> bool:
+        verdict = judge_key(status, headers.get("retry-after"), body)
+        if credential is None or verdict.action == "keep":
+            return False
+        if verdict.action == "disable":
+            self.keys.disable(credential)
+            log.warning(
+                "gemini key rejected by upstream; taken out of rotation",
+                extra={"event": "gemini_key_disabled", "gemini_key_id": credential,
+                       "upstream_status": status},
+            )
+        else:
+            self.keys.cool_down(credential, verdict.seconds)
+            log.warning(
+                "gemini key rate limited; cooling down",
+                extra={"event": "gemini_key_cooling", "gemini_key_id": credential,
+                       "cool_down_s": round(verdict.seconds, 1), "quota": verdict.quota},
+            )
+        return True
+
     def error_body(self, error: GatewayError) -> bytes:
-        return json.dumps(
-            {
-                "error": {
-                    "code": error.status,
-                    "message": error.message,
-                    "status": STATUSES.get(error.kind, "INTERNAL"),
-                }
-            }
-        ).encode()
+        return google_error_body(error.status, error.kind, error.message)
