@@ -41,7 +41,9 @@ def watch(client: socket.socket, on_hangup: Callable[[], None]) -> object | None
 
 def stop(handle: object) -> None:
     """Stop watching (the response is over; the socket goes back to the server)."""
-    handle.kill(block=False)  # type: ignore[attr-defined]
+    # Blocking: a watcher left registered on the socket while the server closes
+    # it delayed that close by about a second (measured).
+    handle.kill(block=True, timeout=1)  # type: ignore[attr-defined]
 
 
 def _wait_for_hangup(client: socket.socket, on_hangup: Callable[[], None]) -> None:

@@ -20,6 +20,7 @@ but gunicorn, gevent and ``shim.errors`` (standard library only).
 from __future__ import annotations
 
 import contextlib
+import socket
 
 import gevent
 from gunicorn.http import errors as http_errors
@@ -69,6 +70,7 @@ class _NextRequestWait:
 class ShimWorker(GeventWorker):
     def init_process(self) -> None:
         self._waiting: set[gevent.Greenlet] = set()  # connections between requests
+        self._busy: set[gevent.Greenlet] = set()  # requests in flight
         # gunicorn.conf.py binds the Anthropic port first, then the Gemini port.
         self._gemini_port = int(self.cfg.bind[1].rsplit(":", 1)[1])
         super().init_process()
@@ -77,13 +79,30 @@ class ShimWorker(GeventWorker):
         # gunicorn wraps exactly the wait for a connection's next request in this.
         return _NextRequestWait(self)
 
-    def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 - gunicorn's signature
-        super().handle_exit(sig, frame)
-        # Out of the signal handler: kill the idle waits in a greenlet of their own.
-        gevent.spawn(self._close_idle_connections)
+    def handle_request(self, listener_name, req, sock, addr):  # noqa: ANN001, ANN201
+        current = gevent.getcurrent()
+        self._busy.add(current)
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
+            self._busy.discard(current)
 
-    def _close_idle_connections(self) -> None:
+    def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 - gunicorn's signature
+        if self.alive:
+            # Out of the signal handler: do the blocking work in a greenlet of its own.
+            gevent.spawn(self._drain)
+        super().handle_exit(sig, frame)
+
+    def _drain(self) -> None:
         gevent.killall(list(self._waiting), block=False)
+        # The master SIGKILLs workers at graceful_timeout, so end the streams
+        # still running a little before that, while they can still say why
+        # (shim.forward turns this GreenletExit into the provider's error frame).
+        grace = float(self.cfg.graceful_timeout)
+        gevent.sleep(max(grace - 1.0, grace * 0.5))
+        if self._busy:
+            self.log.warning("grace period over: ending %d request(s) in flight", len(self._busy))
+            gevent.killall(list(self._busy), block=False)
 
     def handle_error(self, req, client, addr, exc) -> None:  # noqa: ANN001
         status, reason, kind = 400, "Bad Request", "invalid_request"
@@ -115,3 +134,18 @@ class ShimWorker(GeventWorker):
         )
         with contextlib.suppress(OSError):
             write_nonblock(client, head.encode("latin-1") + body)
+            _linger(client)
+
+
+def _linger(client) -> None:  # noqa: ANN001 - a gevent socket
+    """Read and drop what the client still sends, briefly, before gunicorn closes.
+
+    Closing a socket with unread input makes the kernel send a reset, and the
+    client may then lose the error answer it was about to read (nginx calls
+    this lingering close).
+    """
+    client.shutdown(socket.SHUT_WR)
+    with gevent.Timeout(1.0, False):
+        for _ in range(64):  # at most 4 MiB
+            if not client.recv(65536):
+                break

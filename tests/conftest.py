@@ -48,6 +48,7 @@ class Gateway:
     anthropic_port: int
     gemini_port: int
     log_path: Path
+    gemini_configured: bool = True
 
     @property
     def anthropic_url(self) -> str:
@@ -56,6 +57,21 @@ class Gateway:
     @property
     def gemini_url(self) -> str:
         return f"http://127.0.0.1:{self.gemini_port}"
+
+    def pids(self) -> list[int]:
+        """The master and its workers."""
+        children = []
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            children += (task / "children").read_text().split()
+        return [self.process.pid, *map(int, children)]
+
+    def rss_kib(self) -> int:
+        total = 0
+        for pid in self.pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        return total
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -100,7 +116,9 @@ def start_gateway(env_overrides: dict[str, str], log_path: Path) -> Gateway:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so workers die with it
         )
-    gateway = Gateway(process, anthropic_port, gemini_port, log_path)
+    gateway = Gateway(
+        process, anthropic_port, gemini_port, log_path, bool(env.get("SHIM_GEMINI_KEYS"))
+    )
     deadline = time.monotonic() + 20
     pending = {anthropic_port, gemini_port}
     while pending:
@@ -164,15 +182,19 @@ def gateway_api_key(fake_upstream, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gateway_unreachable(tmp_path_factory):
-    """Both providers configured, both upstreams a loopback port nobody listens on."""
+def gateway_unreachable(fake_upstream, tmp_path_factory):
+    """Anthropic's upstream refuses connections; Gemini's fails the TLS handshake.
+
+    The Gemini upstream is the fake's plain-HTTP port addressed as https://,
+    so the TLS handshake fails: a TLS failure without leaving loopback.
+    """
     dead = f"http://127.0.0.1:{closed_port()}"
     gw = start_gateway(
         {
             "SHIM_ANTHROPIC_API_KEY": FAKE_API_KEY,
             "SHIM_GEMINI_KEYS": FAKE_GEMINI_KEYS[0],
             "SHIM_ANTHROPIC_UPSTREAM": dead,
-            "SHIM_GEMINI_UPSTREAM": dead,
+            "SHIM_GEMINI_UPSTREAM": fake_upstream.url.replace("http://", "https://"),
         },
         tmp_path_factory.mktemp("gateway_unreachable") / "gunicorn.log",
     )

@@ -20,7 +20,9 @@ them untouched):
   headers), ``gzip`` (gzip-encoded JSON body), ``drop`` (send two events, then
   cut the TCP connection), ``stall-mid:<seconds>`` (two events, then silence),
   ``close-delimited`` (no Content-Length, no chunking: body ends at close),
-  ``redirect`` (302 to another host).
+  ``redirect`` (302 to another host), ``bulk:<MiB>`` (a stream of that many
+  MiB, as fast as the reader takes it). While it stalls, the fake watches its
+  connection and records in ``stream_ends`` when shim closes it.
 
 Run standalone for manual tries: ``python -m tests.fake_upstream --port 9999``.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import select
 import socket
 import threading
 import time
@@ -75,6 +78,8 @@ class FakeUpstream:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         # How each stream ended, by x-test-id: "complete", "dropped" or "client_gone".
         self.stream_ends: dict[str, tuple[str, float]] = {}
+        # Bytes of a bulk stream written so far, by x-test-id (backpressure shows here).
+        self.bulk_sent: dict[str, int] = {}
 
     def start(self) -> FakeUpstream:
         self.thread.start()
@@ -137,7 +142,8 @@ class _Handler(BaseHTTPRequestHandler):
                   or parts.path.startswith("/v1beta/") or ":" in parts.path)
         try:
             if self.scenario.startswith("stall:"):
-                time.sleep(float(self.scenario.split(":", 1)[1]))
+                if self._quiet(float(self.scenario.split(":", 1)[1])):
+                    return
             if self.scenario == "redirect":
                 self._send(302, b"", "text/plain", [("Location", "http://127.0.0.2:9/elsewhere")])
             elif gemini:
@@ -147,6 +153,22 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self._stream_ended("client_gone")
             self.close_connection = True
+
+    def _quiet(self, seconds: float) -> bool:
+        """Say nothing for ``seconds``; return True (and record it) if the peer hangs up."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([self.connection], [], [], 0.02)
+            if readable:
+                try:
+                    gone = not self.connection.recv(1, socket.MSG_PEEK)
+                except OSError:
+                    gone = True
+                if gone:
+                    self._stream_ended("client_gone")
+                    self.close_connection = True
+                    return True
+        return False
 
     def _stream_ended(self, how: str) -> None:
         marker = self.rec.header("x-test-id")
@@ -206,8 +228,23 @@ class _Handler(BaseHTTPRequestHandler):
                 self._stream_ended("dropped")
                 return
             if index == 2 and self.scenario.startswith("stall-mid:"):
-                time.sleep(float(self.scenario.split(":", 1)[1]))
+                if self._quiet(float(self.scenario.split(":", 1)[1])):
+                    return
             self._chunk(frame)
+        self._end_chunked()
+        self._stream_ended("complete")
+
+    def _bulk(self, megabytes: int) -> None:
+        """Stream ``megabytes`` of 16 KiB SSE deltas as fast as the reader lets us."""
+        self._start_chunked("text/event-stream; charset=utf-8")
+        frame = _sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                             "delta": {"type": "text_delta", "text": "x" * 16000}})
+        count = megabytes * 1024 * 1024 // len(frame)
+        marker = self.rec.header("x-test-id") or ""
+        for index in range(count):
+            self._chunk(frame)
+            with self.fake.lock:
+                self.fake.bulk_sent[marker] = (index + 1) * len(frame)
         self._end_chunked()
         self._stream_ended("complete")
 
@@ -243,11 +280,18 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(401, False, "invalid x-api-key")
         if self.scenario.startswith("error:"):
             return self._error(int(self.scenario.split(":")[1]), False, "Fake upstream error.")
+        if self.command == "POST":
+            try:
+                json.loads(self.rec.body)
+            except ValueError:
+                return self._error(400, False, "There was an error parsing the body of your request.")
         if path == "/v1/messages" and self.command == "POST":
             request = json.loads(self.rec.body or b"{}")
             if not isinstance(request, dict) or "messages" not in request:
                 return self._error(400, False, "messages: Field required")
             if request.get("stream"):
+                if self.scenario.startswith("bulk:"):
+                    return self._bulk(int(self.scenario.split(":")[1]))
                 return self._stream(anthropic_events(request, self.n_events), "text/event-stream; charset=utf-8")
             return self._send(200, json.dumps(anthropic_message(request)).encode(),
                               extra=[("anthropic-ratelimit-unified-status", "allowed")])
@@ -299,7 +343,10 @@ class _Handler(BaseHTTPRequestHandler):
             if model not in GEMINI_MODELS:
                 return self._error(404, True, f"models/{model} is not found")
             return self._send(200, json.dumps(gemini_model(model)).encode())
-        request = json.loads(self.rec.body or b"{}")
+        try:
+            request = json.loads(self.rec.body or b"{}")
+        except ValueError:
+            return self._error(400, True, "Invalid JSON payload received.")
         if action == "generateContent":
             text = gemini_text(request)
             return self._send(200, json.dumps(gemini_response(model, text, True)).encode())
