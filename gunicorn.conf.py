@@ -10,9 +10,11 @@ No ``preload_app`` for the same reason.
 
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from shim.logs import gunicorn_logconfig  # noqa: E402
 from shim.settings import ConfigError, Settings  # noqa: E402
 
 try:
@@ -21,11 +23,35 @@ except ConfigError as _error:
     sys.stderr.write(f"shim: {_error}\n")
     sys.exit(2)
 
-# Both providers, one server: the app tells them apart by listening port.
+# Both providers, one server: the app tells them apart by listening port. The
+# metrics port comes last, on its own (loopback) address. Order matters:
+# shim.worker reads the Gemini port from bind[1].
 bind = [
     f"{_settings.bind_host}:{_settings.anthropic_port}",
     f"{_settings.bind_host}:{_settings.gemini_port}",
 ]
+if _settings.metrics_port:
+    bind.append(f"{_settings.metrics_host}:{_settings.metrics_port}")
+
+# prometheus-client's multiprocess mode: every worker writes its samples to
+# files here and a scrape on any worker reads them all. A fresh directory per
+# start, so a restart never reports the dead processes' counts twice.
+_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _metrics_dir:
+    os.makedirs(_metrics_dir, exist_ok=True)
+    for _name in os.listdir(_metrics_dir):
+        if _name.endswith(".db"):
+            os.remove(os.path.join(_metrics_dir, _name))
+else:
+    _metrics_dir = tempfile.mkdtemp(prefix="shim-metrics-")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
+
+def child_exit(server, worker):  # noqa: ANN001, ANN201 - gunicorn hook
+    # A dead worker's live gauges (streams in flight, key states) must not linger.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 # CPU is the limit on the target box: one process per core, each multiplexing
 # its streams on greenlets.
@@ -48,7 +74,17 @@ keepalive = 75
 # non-root container may have neither writable, and nothing here uses it.
 control_socket_disable = True
 
-# No access log from gunicorn: its request line would carry a client's ?key=.
+# gunicorn's own log lines in shim's format on stdout, secrets filtered; its
+# access log stays off (its request line would carry a client's ?key=): shim
+# writes one access line per request itself.
 accesslog = None
 errorlog = "-"
 loglevel = "info"
+logconfig_dict = gunicorn_logconfig(
+    _settings.log_format,
+    [
+        _settings.shared_secret,
+        *_settings.gemini_keys,
+        *(s for s in (_settings.anthropic_token, _settings.anthropic_api_key) if s),
+    ],
+)

@@ -13,23 +13,39 @@ from __future__ import annotations
 import json
 import logging
 
-from flask import Flask, Request, Response, request
+from flask import Blueprint, Flask, Request, Response, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter, MapAdapter
 
-from shim import logs
+from shim import forward as forward_module
+from shim import logs, metrics
+from shim.access import AccessLog, AccessRecord
 from shim.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from shim.forward import Forwarder
 from shim.keys import KeyPool
 from shim.providers.anthropic import Anthropic
 from shim.providers.base import Provider, make_blueprint
 from shim.providers.gemini import Gemini
+from shim.readiness import Readiness
 from shim.settings import Settings
 
 log = logging.getLogger("shim")
 
 # Where a request on an unknown port is routed: no rule has this host.
 NO_PROVIDER = "none"
+# The metrics port's routes (loopback by default; see shim.metrics).
+METRICS = "metrics"
+
+
+def _metrics_blueprint() -> Blueprint:
+    blueprint = Blueprint(METRICS, __name__)
+
+    def scrape() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, content_type=content_type)
+
+    blueprint.add_url_rule("/metrics", "scrape", scrape, methods=["GET"], host=METRICS)
+    return blueprint
 
 
 class ModelIdConverter(BaseConverter):
@@ -46,13 +62,19 @@ class ShimFlask(Flask):
     """Flask whose URL adapter is bound to the provider owning the listening port."""
 
     providers_by_port: dict[str, Provider]
+    metrics_port: str | None = None
 
     def create_url_adapter(self, request: Request | None) -> MapAdapter | None:
         if request is None:
             return super().create_url_adapter(request)
-        provider = self.providers_by_port.get(request.environ.get("SERVER_PORT", ""))
+        port = request.environ.get("SERVER_PORT", "")
+        provider = self.providers_by_port.get(port)
+        if provider is not None:
+            host = provider.name
+        else:
+            host = METRICS if port == self.metrics_port else NO_PROVIDER
         return self.url_map.bind(
-            provider.name if provider else NO_PROVIDER,
+            host,
             script_name=request.script_root or None,
             url_scheme=request.scheme,
             default_method=request.method,
@@ -68,7 +90,7 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
     settings = settings or Settings.from_env()
     secrets = [settings.shared_secret, *settings.gemini_keys]
     secrets += [s for s in (settings.anthropic_token, settings.anthropic_api_key) if s]
-    logs.configure(secrets)
+    logs.configure(secrets, settings.log_format)
 
     app = ShimFlask(__name__, static_folder=None, host_matching=True, static_host=None)
     app.url_map.converters["model_id"] = ModelIdConverter
@@ -84,13 +106,31 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
         str(settings.anthropic_port): anthropic,
         str(settings.gemini_port): gemini,
     }
+    app.metrics_port = str(settings.metrics_port) if settings.metrics_port else None
     forwarder = Forwarder(
         settings.connect_timeout_s, settings.http_timeout_s, settings.max_body_bytes
     )
     app.extensions["shim.forwarder"] = forwarder
+    readiness = Readiness(anthropic, gemini)
     secret = settings.shared_secret.encode()
     for provider in (anthropic, gemini):
-        app.register_blueprint(make_blueprint(provider, secret, forwarder.forward))
+        blueprint = make_blueprint(provider, secret, forwarder.forward)
+        blueprint.add_url_rule(
+            "/health/ready", "ready", readiness.response, methods=["GET"], host=provider.name
+        )
+        app.register_blueprint(blueprint)
+    app.register_blueprint(_metrics_blueprint())
+
+    def observe(record: AccessRecord, fields: dict) -> None:
+        metrics.observe(record, fields)
+        readiness.observe(record)
+
+    names = {port: provider.name for port, provider in app.providers_by_port.items()}
+    app.wsgi_app = AccessLog(app.wsgi_app, names.get, observe)  # type: ignore[method-assign]
+    forward_module.on_stream(
+        lambda name, delta: (metrics.stream_started if delta > 0 else metrics.stream_ended)(name)
+    )
+    gemini.keys.on_change(metrics.gemini_key_states)
 
     @app.before_request
     def refuse_leading_double_slash() -> None:

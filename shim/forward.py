@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import orjson
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter, TimeoutSauce
 from werkzeug.wrappers import Response
 
 from shim import hangup
+from shim.access import AccessRecord
 from shim.errors import (
     BadRequest,
     GatewayError,
@@ -36,6 +38,7 @@ from shim.errors import (
     UpstreamUnreachable,
 )
 from shim.providers.base import Provider
+from shim.usage import SseTap
 
 log = logging.getLogger("shim.forward")
 
@@ -76,6 +79,16 @@ REQUEST_DROP = HOP_BY_HOP | {
 RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 
 
+# Called with (provider name, +1 or -1) as a stream starts and ends; set by the app
+# (the in-flight gauge). One per process, like the metrics it feeds.
+_on_stream: Callable[[str, int], None] | None = None
+
+
+def on_stream(callback: Callable[[str, int], None] | None) -> None:
+    global _on_stream  # noqa: PLW0603 - process-wide, set once at start-up
+    _on_stream = callback
+
+
 class StreamAborted(Exception):
     """Raised into the WSGI server to cut a stream so the client sees it fail."""
 
@@ -99,9 +112,14 @@ class Forwarder:
 
     def forward(self, provider: Provider, environ: dict) -> Response:
         """Forward the request in ``environ`` to ``provider``'s upstream and relay the answer."""
+        record: AccessRecord = environ["shim.record"]
         headers = upstream_headers(environ, provider.client_credential_headers)
         body = read_body(environ, self.max_body_bytes)
         method = environ["REQUEST_METHOD"]
+        record.bytes_in = len(body)
+        session = environ.get("HTTP_X_CLAUDE_CODE_SESSION_ID")
+        if session:
+            record.claude_session_id = session[:128]
 
         prepared = requests.PreparedRequest()
         prepared.method = method
@@ -115,10 +133,14 @@ class Forwarder:
         # the provider benched on this answer is swapped for the next one.
         for attempt in (1, 2):
             credential = provider.add_credential(headers)
-            raw = self._send(prepared, provider, credential)
+            if provider.credential_log_field:
+                setattr(record, provider.credential_log_field, credential)
+            raw = self._send(prepared, provider, credential, record)
+            record.upstream_status = raw.status
+            provider.read_headers(raw.headers, record)
             if raw.status not in provider.retry_statuses:
-                return relay(raw, provider, method, environ)
-            answer = read_whole(raw, provider)
+                return relay(raw, provider, method, environ, record)
+            answer = read_whole(raw, provider, record)
             if provider.after_failure(credential, raw.status, raw.headers, answer) and attempt == 1:
                 log.info(
                     "retrying on another credential",
@@ -130,11 +152,16 @@ class Forwarder:
         raise AssertionError("unreachable")  # the loop always returns on its second pass
 
     def _send(
-        self, prepared: requests.PreparedRequest, provider: Provider, credential: str | None
+        self,
+        prepared: requests.PreparedRequest,
+        provider: Provider,
+        credential: str | None,
+        record: AccessRecord,
     ) -> urllib3.HTTPResponse:
         try:
             return self.adapter.send(prepared, stream=True, timeout=self.timeout).raw
         except requests.exceptions.Timeout as exc:
+            record.error = "upstream_timeout"
             log.warning(
                 "upstream timeout before headers",
                 extra={"event": "upstream_timeout", "provider": provider.name,
@@ -142,6 +169,7 @@ class Forwarder:
             )
             raise UpstreamTimeout() from None
         except requests.exceptions.RequestException as exc:
+            record.error = "upstream_unreachable"
             log.warning(
                 "upstream unreachable",
                 extra={"event": "upstream_unreachable", "provider": provider.name,
@@ -253,29 +281,55 @@ def whole_response(raw: urllib3.HTTPResponse, body: bytes) -> Response:
     )
 
 
-def relay(raw: urllib3.HTTPResponse, provider: Provider, method: str, environ: dict) -> Response:
+def relay(
+    raw: urllib3.HTTPResponse,
+    provider: Provider,
+    method: str,
+    environ: dict,
+    record: AccessRecord,
+) -> Response:
     """Turn the upstream response into the client's, bytes untouched."""
     length = raw.headers.get("content-length")
     if method == "HEAD":
         raw.release_conn()
         return whole_response(raw, b"")
     if length is not None and length.isdigit() and int(length) <= WHOLE_BODY_BYTES:
-        return whole_response(raw, read_whole(raw, provider))
+        body = read_whole(raw, provider, record)
+        if not raw.headers.get("content-encoding"):
+            _read_usage_from_json(body, raw, provider, record)
+        return whole_response(raw, body)
     headers = response_headers(raw)
     if length is None:
         # A body of unknown length is a stream: tell a proxy in front not to buffer it.
         headers.append(("X-Accel-Buffering", "no"))
     content_type = raw.headers.get("content-type", "")
-    if raw.headers.get("content-encoding"):
-        frame = None  # an error frame cannot be appended to a compressed body
-    else:
-        frame = provider.stream_error_frame
-    body = UpstreamBody(raw, provider.name, content_type, frame)
+    encoded = bool(raw.headers.get("content-encoding"))
+    # An error frame cannot be appended to, nor usage read from, a compressed body.
+    frame = None if encoded else provider.stream_error_frame
+    tap = None
+    if provider.usage_markers and not encoded and content_type.startswith("text/event-stream"):
+        tap = SseTap(provider.event_separator, provider.usage_markers)
+    body = UpstreamBody(raw, provider, content_type, frame, record, tap)
     body.watch_client(environ.get("gunicorn.socket"))
     return Response(body, status=status_line(raw), headers=headers, direct_passthrough=True)
 
 
-def read_whole(raw: urllib3.HTTPResponse, provider: Provider) -> bytes:
+def _read_usage_from_json(
+    body: bytes, raw: urllib3.HTTPResponse, provider: Provider, record: AccessRecord
+) -> None:
+    if not raw.headers.get("content-type", "").startswith("application/json"):
+        return
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(data, dict):
+        provider.read_usage(data, record)
+
+
+def read_whole(
+    raw: urllib3.HTTPResponse, provider: Provider, record: AccessRecord | None = None
+) -> bytes:
     """Read a small body of known length; a failure is still a clean 502/504."""
     try:
         body = raw.read(decode_content=False)
@@ -283,6 +337,8 @@ def read_whole(raw: urllib3.HTTPResponse, provider: Provider) -> bytes:
         raw.close()
         raw.release_conn()
         error = _stream_error(exc)
+        if record is not None:
+            record.error = "upstream_body_failed"
         log.warning(
             "upstream failed while sending the body",
             extra={
@@ -322,17 +378,32 @@ class UpstreamBody:
 
     __slots__ = (
         "_raw", "_chunks", "_provider", "_content_type", "_frame", "_complete",
-        "_watch", "_client_gone",
+        "_watch", "_client_gone", "_record", "_tap", "_finished",
     )
 
-    def __init__(self, raw: urllib3.HTTPResponse, provider: str, content_type: str, frame):  # noqa: ANN001
+    def __init__(  # noqa: PLR0913
+        self,
+        raw: urllib3.HTTPResponse,
+        provider: Provider,
+        content_type: str,
+        frame,  # noqa: ANN001 - the provider's stream_error_frame, or None
+        record: AccessRecord,
+        tap: SseTap | None,
+    ):
         self._raw = raw
         self._provider = provider
         self._content_type = content_type
         self._frame = frame
+        self._record = record
+        self._tap = tap
         self._complete = False
+        self._finished = False
         self._watch = None
         self._client_gone = False
+        record.stream = True
+        record.deferred = True  # this body writes the access line when it ends
+        if _on_stream is not None:
+            _on_stream(provider.name, 1)
         if raw.chunked:
             self._chunks: Iterator[bytes] = raw.read_chunked(CHUNK_BYTES, decode_content=False)
         else:
@@ -344,9 +415,11 @@ class UpstreamBody:
 
     def _on_client_hangup(self) -> None:
         self._client_gone = True
+        self._record.error = "client_gone"
         log.info(
             "client went away mid-stream; closing upstream",
-            extra={"event": "client_gone", "provider": self._provider},
+            extra={"event": "client_gone", "provider": self._provider.name,
+                   "request_id": self._record.request_id},
         )
         raw = self._raw
         if raw is not None:
@@ -358,7 +431,7 @@ class UpstreamBody:
 
     def __next__(self) -> bytes:
         try:
-            return next(self._chunks)
+            chunk = next(self._chunks)
         except StopIteration:
             self._complete = True
             raise
@@ -370,22 +443,47 @@ class UpstreamBody:
         except hangup.STOPPING:
             # The worker's grace period is over: end the stream visibly, quickly.
             return self._fail(ShuttingDown(), "worker_stopping")
+        self._record.sent(len(chunk))
+        if self._tap is not None:
+            self._tap.feed(chunk)
+        else:
+            self._record.events += 1
+        return chunk
 
     def _fail(self, error: GatewayError, cause: str) -> bytes:
+        self._record.error = "worker_stopping" if cause == "worker_stopping" else (
+            "upstream_timeout" if isinstance(error, UpstreamTimeout) else "stream_failed"
+        )
         log.warning(
             "upstream stream ended early",
-            extra={"event": "upstream_stream_failed", "provider": self._provider,
-                   "error": cause, "status": error.status},
+            extra={"event": "upstream_stream_failed", "provider": self._provider.name,
+                   "error": cause, "status": error.status,
+                   "request_id": self._record.request_id},
         )
         self._release(clean=False)
         frame = self._frame(error, self._content_type) if self._frame else None
         if frame is None:
+            self._finish()
             raise StreamAborted(f"stream ended early ({cause})") from None
         self._chunks = iter(())
+        self._record.sent(len(frame))
         return frame
 
     def close(self) -> None:
         self._release(clean=self._complete)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        record = self._record
+        if self._tap is not None:
+            self._tap.read(lambda data: self._provider.read_usage(data, record))
+            record.events = self._tap.events
+        if _on_stream is not None:
+            _on_stream(self._provider.name, -1)
+        record.close()
 
     def _release(self, clean: bool) -> None:
         if self._watch is not None:

@@ -67,6 +67,16 @@ class KeyPool:
         self._clock = clock
         self._cooling_until: dict[str, float] = {}  # key id -> monotonic time it is back
         self._disabled: set[str] = set()
+        self._on_change: Callable[[dict[str, int]], None] | None = None
+
+    def on_change(self, callback: Callable[[dict[str, int]], None]) -> None:
+        """Call ``callback(states())`` now and whenever a key's state changes."""
+        self._on_change = callback
+        callback(self.states())
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.states())
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -88,6 +98,7 @@ class KeyPool:
                 if until > now:
                     continue
                 del self._cooling_until[ident]
+                self._changed()
             self._next = (self._next + step + 1) % count
             return key
         return None
@@ -100,12 +111,14 @@ class KeyPool:
         if ident in self._by_id:
             until = self._clock() + max(0.0, seconds)
             self._cooling_until[ident] = max(until, self._cooling_until.get(ident, 0.0))
+            self._changed()
 
     def disable(self, ident: str) -> None:
         """Take the key ``ident`` out of rotation for the life of the process."""
         if ident in self._by_id:
             self._disabled.add(ident)
             self._cooling_until.pop(ident, None)
+            self._changed()
 
     def seconds_until_available(self) -> float | None:
         """Seconds until the soonest benched key returns; None if every key is disabled."""

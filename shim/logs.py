@@ -1,69 +1,121 @@
-"""Logging: one JSON object per line on stdout, configured once per process.
+"""Logging: one JSON object per line on stdout (or ``key=value`` text for a terminal).
 
-Redaction is by construction (callers log fields, never header dicts or full
-URLs); ``SecretFilter`` is the backstop: any configured secret that still
-reaches a record is replaced before the line is written.
+Fixed field names; values go in fields, never into the message; ``event`` is a
+snake_case constant. Redaction is by construction (callers log fields, never
+header dicts or full URLs); ``SecretFilter`` is the backstop: any configured
+secret that still reaches a record is replaced before the line is written.
+
+``gunicorn_logconfig`` gives gunicorn's own loggers the same format; its
+access logger is silenced because its request line would carry a client's
+``?key=``, and shim writes its own access line (``shim.access``).
+
+Standard library plus orjson: gunicorn's master imports this module.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from collections.abc import Iterable
 
+import orjson
+
 # Attributes every LogRecord has; anything else was passed in ``extra=``.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "fields",
+}
+REDACTED = "[redacted]"
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        + f".{int(record.msecs):03d}Z"
+    )
+
+
+def _entry(record: logging.LogRecord) -> dict:
+    entry = {
+        "ts": _timestamp(record),
+        "level": record.levelname.lower(),
+        "event": getattr(record, "event", None) or "log",
+        "logger": record.name,
+        "message": record.getMessage(),
+    }
+    # The access line passes its fields as one dict: cheaper than 25 attributes.
+    fields = record.__dict__.get("fields")
+    if fields:
+        entry.update(fields)
+    for key, value in record.__dict__.items():
+        if key not in _STANDARD and key != "event":
+            entry[key] = value
+    return entry
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "event": getattr(record, "event", None) or "log",
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and key != "event":
-                entry[key] = value
+        entry = _entry(record)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return orjson.dumps(entry, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """``ts level event message key=value …`` for a human at a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = _entry(record)
+        head = f"{entry.pop('ts')} {entry.pop('level'):7} {entry.pop('event')}"
+        message = entry.pop("message")
+        entry.pop("logger")
+        pairs = " ".join(f"{k}={v}" for k, v in entry.items() if v is not None)
+        line = f"{head} {message} {pairs}".rstrip()
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+FORMATTERS = {"json": JsonFormatter, "text": TextFormatter}
 
 
 class SecretFilter(logging.Filter):
-    """Replace any known secret in a record's rendered text with a marker."""
+    """Replace any known secret in a record's message or fields with a marker."""
 
-    def __init__(self, secrets: Iterable[str]):
+    def __init__(self, secrets: Iterable[str] = ()):
         super().__init__()
         self.secrets = tuple(s for s in secrets if s and len(s) >= 8)
 
+    def _clean(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        dirty = any(secret in text for secret in self.secrets)
-        if record.args and dirty:
-            record.args = ()
-        if dirty:
-            for secret in self.secrets:
-                text = text.replace(secret, "[redacted]")
-            record.msg = text
+        if not self.secrets:
+            return True
+        message = record.getMessage()
+        cleaned = self._clean(message)
+        if cleaned is not message and cleaned != message:
+            record.msg, record.args = cleaned, ()
+        fields = record.__dict__.get("fields")
+        if fields:
+            for key, value in fields.items():
+                if isinstance(value, str):
+                    fields[key] = self._clean(value)
         for key, value in list(record.__dict__.items()):
             if key not in _STANDARD and isinstance(value, str):
-                for secret in self.secrets:
-                    if secret in value:
-                        value = value.replace(secret, "[redacted]")
-                record.__dict__[key] = value
+                record.__dict__[key] = self._clean(value)
         return True
 
 
-def configure(secrets: Iterable[str], level: int = logging.INFO) -> None:
-    """Send the root logger's records to stdout as JSON lines, secrets filtered out."""
+def configure(secrets: Iterable[str], fmt: str = "json", level: int = logging.INFO) -> None:
+    """Send the root logger's records to stdout in ``fmt``, secrets filtered out."""
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(FORMATTERS[fmt]())
     handler.addFilter(SecretFilter(secrets))
     root = logging.getLogger()
     for existing in list(root.handlers):
@@ -72,3 +124,27 @@ def configure(secrets: Iterable[str], level: int = logging.INFO) -> None:
     handler._shim = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+
+
+def gunicorn_logconfig(fmt: str, secrets: Iterable[str]) -> dict:
+    """A ``logconfig_dict`` for gunicorn: its error log in shim's format, no access log."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"shim": {"()": f"shim.logs.{FORMATTERS[fmt].__name__}"}},
+        "filters": {"secrets": {"()": "shim.logs.SecretFilter", "secrets": list(secrets)}},
+        "handlers": {
+            "stdout": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stdout",
+                "formatter": "shim",
+                "filters": ["secrets"],
+            },
+            "null": {"class": "logging.NullHandler"},
+        },
+        "loggers": {
+            "gunicorn.error": {"level": "INFO", "handlers": ["stdout"], "propagate": False},
+            "gunicorn.access": {"level": "CRITICAL", "handlers": ["null"], "propagate": False},
+        },
+        "root": {"level": "INFO", "handlers": []},
+    }

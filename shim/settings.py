@@ -53,6 +53,10 @@ class Settings:
     graceful_timeout_s: float = 120.0
     max_body_bytes: int = 33_554_432
     workers: int = 1
+    log_format: str = "json"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = 9464
+    metrics_dir: str | None = None
 
     @property
     def anthropic_configured(self) -> bool:
@@ -82,6 +86,11 @@ class Settings:
             "graceful_timeout_s": env.read("SHIM_GRACEFUL_TIMEOUT_S", _seconds, 120.0),
             "max_body_bytes": env.read("SHIM_MAX_BODY_BYTES", _positive_int, 33_554_432),
             "workers": env.read("SHIM_WORKERS", _workers, _default_workers()),
+            "log_format": env.read("SHIM_LOG_FORMAT", _log_format, "json"),
+            "metrics_host": env.read("SHIM_METRICS_HOST", _host, "127.0.0.1"),
+            "metrics_port": env.read("SHIM_METRICS_PORT", _optional_port, 9464),
+            # prometheus-client's own variable; gunicorn.conf.py sets it for the workers.
+            "metrics_dir": env.raw("PROMETHEUS_MULTIPROC_DIR"),
         }
         keys, source = _gemini_keys(env)
         values["gemini_keys"], values["gemini_keys_source"] = keys, source
@@ -91,12 +100,12 @@ class Settings:
                 "SHIM_ANTHROPIC_TOKEN, SHIM_ANTHROPIC_API_KEY: "
                 "set one upstream credential, not both"
             )
-        if (
-            values["anthropic_port"] is not None
-            and values["anthropic_port"] == values["gemini_port"]
-        ):
+        ports = [values["anthropic_port"], values["gemini_port"], values["metrics_port"]]
+        ports = [port for port in ports if port]
+        if len(set(ports)) != len(ports):
             env.problems.append(
-                "SHIM_ANTHROPIC_PORT, SHIM_GEMINI_PORT: the two providers need different ports"
+                "SHIM_ANTHROPIC_PORT, SHIM_GEMINI_PORT, SHIM_METRICS_PORT: "
+                "each needs a port of its own"
             )
         if (
             "SHIM_SHARED_SECRET" not in env.failed
@@ -201,6 +210,18 @@ def _int(raw: str, low: int, high: int, what: str) -> int:
 
 def _port(raw: str) -> int:
     return _int(raw, 1, 65535, "an integer 1-65535")
+
+
+def _optional_port(raw: str) -> int | None:
+    port = _int(raw, 0, 65535, "an integer 1-65535, or 0 for off")
+    return port or None
+
+
+def _log_format(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("json", "text"):
+        raise ValueError(f"expected json or text, got {raw!r}")
+    return value
 
 
 def _positive_int(raw: str) -> int:

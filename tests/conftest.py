@@ -49,6 +49,7 @@ class Gateway:
     gemini_port: int
     log_path: Path
     gemini_configured: bool = True
+    metrics_port: int = 0
 
     @property
     def anthropic_url(self) -> str:
@@ -93,14 +94,19 @@ class Gateway:
 
 
 def start_gateway(env_overrides: dict[str, str], log_path: Path) -> Gateway:
-    anthropic_port, gemini_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHIM_")}
+    anthropic_port, gemini_port, metrics_port = free_port(), free_port(), free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SHIM_") and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
     env.update(
         {
             "SHIM_SHARED_SECRET": SECRET,
             "SHIM_BIND_HOST": "127.0.0.1",
             "SHIM_ANTHROPIC_PORT": str(anthropic_port),
             "SHIM_GEMINI_PORT": str(gemini_port),
+            "SHIM_METRICS_PORT": str(metrics_port),
             "SHIM_WORKERS": "1",
             # Keep the default key file out of play: tests say where keys come from.
             "SHIM_GEMINI_KEYS_FILE": "",
@@ -117,7 +123,8 @@ def start_gateway(env_overrides: dict[str, str], log_path: Path) -> Gateway:
             start_new_session=True,  # its own process group, so workers die with it
         )
     gateway = Gateway(
-        process, anthropic_port, gemini_port, log_path, bool(env.get("SHIM_GEMINI_KEYS"))
+        process, anthropic_port, gemini_port, log_path, bool(env.get("SHIM_GEMINI_KEYS")),
+        metrics_port,
     )
     deadline = time.monotonic() + 20
     pending = {anthropic_port, gemini_port}

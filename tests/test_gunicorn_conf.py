@@ -20,6 +20,7 @@ def conf_env(**overrides: str) -> dict[str, str]:
         SHIM_ANTHROPIC_PORT="18001",
         SHIM_GEMINI_PORT="18002",
         SHIM_WORKERS="3",
+        SHIM_METRICS_PORT="18003",
     )
     env.update(overrides)
     return env
@@ -56,7 +57,7 @@ def test_master_config_imports_no_network_or_web_stack():
 
 def test_binds_both_ports_with_gevent_workers_from_settings():
     conf = load_conf()
-    assert conf["bind"] == ["127.0.0.1:18001", "127.0.0.1:18002"]
+    assert conf["bind"] == ["127.0.0.1:18001", "127.0.0.1:18002", "127.0.0.1:18003"]
     assert (conf["workers"], conf["worker_class"]) == (3, "shim.worker.ShimWorker")
     assert conf["preload"] is False
     assert conf["control_socket_disable"] is True

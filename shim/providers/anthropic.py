@@ -9,10 +9,17 @@ API key: ``x-api-key`` (ANTHROPIC_API_KEY) or ``Authorization: Bearer``
 
 from __future__ import annotations
 
+from shim.access import AccessRecord
 from shim.errors import GatewayError, ProviderNotConfigured, anthropic_error_body
 from shim.providers.base import Provider, Route
 
 OAUTH_BETA = "oauth-2025-04-20"
+_USAGE_FIELDS = (
+    ("input_tokens", "input_tokens"),
+    ("output_tokens", "output_tokens"),
+    ("cache_read_input_tokens", "cache_read_tokens"),
+    ("cache_creation_input_tokens", "cache_creation_tokens"),
+)
 
 
 
@@ -37,6 +44,8 @@ class Anthropic(Provider):
         Route("/v1/models/<model_id:model_id>", "model", ("GET",)),
     )
     client_credential_headers = frozenset({"x-api-key", "authorization"})
+    # A real newline ends the SSE field line; inside JSON text it would be escaped.
+    usage_markers = (b"event: message_start\n", b"event: message_delta\n")
 
     def __init__(self, upstream: str, api_key: str | None, oauth_token: str | None):
         super().__init__(upstream)
@@ -78,6 +87,42 @@ class Anthropic(Provider):
             "The gateway has no Anthropic credential configured "
             "(SHIM_ANTHROPIC_TOKEN or SHIM_ANTHROPIC_API_KEY)."
         )
+
+    def read_headers(self, headers: object, record: AccessRecord) -> None:
+        get = headers.get  # type: ignore[attr-defined]
+        status = get("anthropic-ratelimit-unified-status")
+        if status is None:
+            return  # not subscription traffic
+        record.quota_status = status
+        record.quota_reset = get("anthropic-ratelimit-unified-reset")
+        for window in ("5h", "7d"):
+            value = get(f"anthropic-ratelimit-unified-{window}-utilization")
+            try:
+                setattr(record, f"quota_{window}_utilization", float(value) if value else None)
+            except ValueError:
+                pass
+
+    def read_usage(self, data: dict, record: AccessRecord) -> None:
+        kind = data.get("type")
+        if kind == "message_start":
+            data = data.get("message") or {}
+        elif kind == "message_delta":
+            delta = data.get("delta") or {}
+            if delta.get("stop_reason"):
+                record.stop_reason = delta["stop_reason"]
+        elif kind == "message":
+            record.stop_reason = data.get("stop_reason") or record.stop_reason
+        else:
+            return
+        if isinstance(data.get("model"), str):
+            record.model = data["model"]
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            # message_delta counts are cumulative: the last one seen wins.
+            for field, name in _USAGE_FIELDS:
+                value = usage.get(field)
+                if isinstance(value, int):
+                    setattr(record, name, value)
 
     def error_body(self, error: GatewayError) -> bytes:
         return anthropic_error_body(error.kind, error.message)

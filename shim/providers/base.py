@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from flask import Blueprint, Response, request
 
+from shim.access import AccessRecord
 from shim.auth import authenticated
 from shim.errors import GatewayError
 
@@ -36,6 +37,11 @@ class Provider:
     client_credential_headers: frozenset[str] = frozenset()
     # Upstream statuses whose (small) body the core reads and shows to after_failure.
     retry_statuses: frozenset[int] = frozenset()
+    # The access-record field that names the credential used (None: not logged).
+    credential_log_field: str | None = None
+    # How SSE events are separated, and the markers of events that carry usage.
+    event_separator: bytes = b"\n\n"
+    usage_markers: tuple[bytes, ...] = ()
 
     def __init__(self, upstream: str):
         self.upstream = upstream
@@ -65,6 +71,12 @@ class Provider:
         """
         return False
 
+    def read_headers(self, headers: object, record: AccessRecord) -> None:
+        """Copy what the upstream's response headers say (quota state) into ``record``."""
+
+    def read_usage(self, data: dict, record: AccessRecord) -> None:
+        """Copy model, token counts and stop reason from an answer or event into ``record``."""
+
     def error_body(self, error: GatewayError) -> bytes:
         """Render ``error`` in this provider's JSON error shape."""
         raise NotImplementedError
@@ -92,8 +104,15 @@ def make_blueprint(
     blueprint = Blueprint(provider.name, __name__)
 
     @authenticated(provider, secret)
-    def proxy(**_route_args: str) -> Response:
+    def checked(**_route_args: str) -> Response:
         return forward(provider, request.environ)
+
+    def proxy(**route_args: str) -> Response:
+        # Before the secret check, so a 401 is logged with its route too.
+        record = request.environ["shim.record"]
+        record.route = request.url_rule.rule  # the template, never the raw path
+        record.model = route_args.get("model") or route_args.get("model_id")
+        return checked(**route_args)
 
     for route in provider.routes:
         blueprint.add_url_rule(

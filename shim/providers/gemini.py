@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from urllib.parse import unquote_to_bytes
 
+from shim.access import AccessRecord
 from shim.errors import GatewayError, ProviderNotConfigured, RateLimited, google_error_body
 from shim.keys import KeyPool
 from shim.providers.base import Provider, Route
@@ -120,6 +121,9 @@ class Gemini(Provider):
     client_credential_headers = frozenset({"x-goog-api-key", "authorization"})
     # Answers that may be about the key rather than the request.
     retry_statuses = frozenset({400, 403, 429})
+    credential_log_field = "gemini_key_id"
+    event_separator = b"\r\n\r\n"
+    usage_markers = (b'"usageMetadata":',)
 
     def __init__(self, upstream: str, keys: KeyPool):
         super().__init__(upstream)
@@ -185,6 +189,20 @@ class Gemini(Provider):
                        "cool_down_s": round(verdict.seconds, 1), "quota": verdict.quota},
             )
         return True
+
+    def read_usage(self, data: dict, record: AccessRecord) -> None:
+        if isinstance(data.get("modelVersion"), str):
+            record.model = data["modelVersion"]
+        usage = data.get("usageMetadata")
+        if isinstance(usage, dict):
+            # Cumulative in a stream: the last chunk's counts are the call's.
+            record.input_tokens = usage.get("promptTokenCount")
+            output = usage.get("candidatesTokenCount") or 0
+            record.output_tokens = output + (usage.get("thoughtsTokenCount") or 0) or None
+            record.cache_read_tokens = usage.get("cachedContentTokenCount")
+        candidates = data.get("candidates")
+        if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict):
+            record.stop_reason = candidates[0].get("finishReason") or record.stop_reason
 
     def error_body(self, error: GatewayError) -> bytes:
         return google_error_body(error.status, error.kind, error.message)

@@ -1,0 +1,160 @@
+"""One access record per request: filled in as the request passes, written once at its end.
+
+``AccessLog`` is a thin WSGI middleware: it opens the record (request id,
+provider by port, start time), adds ``X-Request-Id`` to the answer and, for
+answers sent in one piece, closes the record right away. A streamed answer
+(``shim.forward.UpstreamBody``) closes it itself when the stream ends, so
+duration, bytes, gaps and token usage cover the whole stream.
+
+Closing a record writes the access line (logger ``shim.access``) and feeds the
+metrics; nothing here holds a byte of the response back.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger("shim.access")
+
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class AccessRecord:
+    """What one request did; field names are the access line's keys."""
+
+    __slots__ = (
+        "request_id", "provider", "method", "route", "model", "stream", "status",
+        "upstream_status", "start", "ttfb", "max_gap", "events", "bytes_in", "bytes_out",
+        "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
+        "stop_reason", "gemini_key_id", "claude_session_id", "quota_status", "quota_reset",
+        "quota_5h_utilization", "quota_7d_utilization", "error", "deferred", "_last", "_done",
+        "_observe",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        provider: str | None,
+        method: str,
+        observe: Callable[[AccessRecord, dict], None] | None = None,
+    ):
+        self._observe = observe
+        self.request_id = request_id
+        self.provider = provider
+        self.method = method
+        self.start = self._last = time.perf_counter()
+        self.route = self.model = self.stop_reason = self.error = None
+        self.gemini_key_id = self.claude_session_id = None
+        self.quota_status = self.quota_reset = None
+        self.quota_5h_utilization = self.quota_7d_utilization = None
+        self.status = self.upstream_status = None
+        self.input_tokens = self.output_tokens = None
+        self.cache_read_tokens = self.cache_creation_tokens = None
+        self.stream = False
+        self.ttfb = None
+        self.max_gap = 0.0
+        self.events = 0
+        self.bytes_in = self.bytes_out = 0
+        self.deferred = False  # a streamed body closes the record itself
+        self._done = False
+
+    def sent(self, size: int) -> None:
+        """Account for ``size`` bytes just handed to the client."""
+        now = time.perf_counter()
+        if self.ttfb is None:
+            self.ttfb = now - self.start
+        else:
+            gap = now - self._last
+            if gap > self.max_gap:
+                self.max_gap = gap
+        self._last = now
+        self.bytes_out += size
+
+    def fields(self) -> dict:
+        duration = time.perf_counter() - self.start
+        fields = {
+            "request_id": self.request_id,
+            "provider": self.provider,
+            "method": self.method,
+            "route": self.route,
+            "model": self.model,
+            "stream": self.stream,
+            "status": self.status,
+            "upstream_status": self.upstream_status,
+            "duration_ms": round(duration * 1000, 2),
+            "ttfb_ms": None if self.ttfb is None else round(self.ttfb * 1000, 2),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cache_read_tokens": self.cache_read_tokens,
+            "cache_creation_tokens": self.cache_creation_tokens,
+            "stop_reason": self.stop_reason,
+            "gemini_key_id": self.gemini_key_id,
+            "claude_session_id": self.claude_session_id,
+            "quota_status": self.quota_status,
+            "quota_reset": self.quota_reset,
+            "quota_5h_utilization": self.quota_5h_utilization,
+            "quota_7d_utilization": self.quota_7d_utilization,
+            "error": self.error,
+        }
+        if self.stream:
+            fields["max_gap_ms"] = round(self.max_gap * 1000, 2)
+            fields["events"] = self.events
+        return fields
+
+    def close(self) -> None:
+        """Write the access line and feed the metrics, once."""
+        if self._done:
+            return
+        self._done = True
+        fields = self.fields()
+        log.info("request", extra={"event": "access", "fields": fields})
+        if self._observe is not None:
+            self._observe(self, fields)
+
+
+class AccessLog:
+    """WSGI middleware that gives every request an ``AccessRecord`` and an ``X-Request-Id``."""
+
+    def __init__(
+        self,
+        app: Callable,
+        provider_for_port: Callable[[str], str | None],
+        observe: Callable[[AccessRecord, dict], None] | None,
+    ):
+        self.app = app
+        self.provider_for_port = provider_for_port
+        self.observe = observe
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        incoming = environ.get("HTTP_X_REQUEST_ID")
+        request_id = (
+            incoming if incoming and _SANE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        )
+        record = AccessRecord(
+            request_id,
+            self.provider_for_port(environ.get("SERVER_PORT", "")),
+            environ.get("REQUEST_METHOD", ""),
+            self.observe,
+        )
+        environ["shim.record"] = record
+
+        def start(status: str, headers: list, exc_info=None):  # noqa: ANN001, ANN202
+            record.status = int(status[:3])
+            if not record.deferred:
+                for name, value in headers:
+                    if name.lower() == "content-length" and value.isdigit():
+                        record.sent(int(value))
+                        break
+            headers.append(("X-Request-Id", request_id))
+            return start_response(status, headers, exc_info)
+
+        body = self.app(environ, start)
+        if not record.deferred:
+            record.close()
+        return body

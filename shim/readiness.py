@@ -1,0 +1,61 @@
+"""``GET /health/ready``: can each configured provider serve right now, as this worker sees it.
+
+``/health`` stays trivial for the load balancer; this one says why a provider
+cannot serve (no available Gemini key, subscription quota rejected) and what
+upstream said last. State is per worker process, fed by the access records.
+No secrets, keys or key ids in it.
+"""
+
+from __future__ import annotations
+
+import orjson
+from flask import Response
+
+from shim.access import AccessRecord
+from shim.providers.anthropic import Anthropic
+from shim.providers.gemini import Gemini
+
+
+class Readiness:
+    def __init__(self, anthropic: Anthropic, gemini: Gemini):
+        self.anthropic = anthropic
+        self.gemini = gemini
+        self.last_status: dict[str, int | None] = {"anthropic": None, "gemini": None}
+        self.quota_status: str | None = None
+        self.quota_reset: str | None = None
+
+    def observe(self, record: AccessRecord) -> None:
+        if record.provider in self.last_status and record.upstream_status is not None:
+            self.last_status[record.provider] = record.upstream_status
+        if record.quota_status is not None:
+            self.quota_status = record.quota_status
+            self.quota_reset = record.quota_reset
+
+    def report(self) -> tuple[dict, bool]:
+        anthropic_ok = self.anthropic.configured and self.quota_status != "rejected"
+        keys = self.gemini.keys.states()
+        gemini_ok = self.gemini.configured and keys["available"] > 0
+        providers = {
+            "anthropic": {
+                "configured": self.anthropic.configured,
+                "credential": self.anthropic.credential_kind,
+                "ready": anthropic_ok,
+                "last_upstream_status": self.last_status["anthropic"],
+                "quota_status": self.quota_status,
+                "quota_reset": self.quota_reset,
+            },
+            "gemini": {
+                "configured": self.gemini.configured,
+                "ready": gemini_ok,
+                "keys": keys,
+                "last_upstream_status": self.last_status["gemini"],
+            },
+        }
+        # A provider left unconfigured on purpose does not make the gateway unready.
+        ready = all(p["ready"] for p in providers.values() if p["configured"])
+        return {"status": "ready" if ready else "unavailable", "providers": providers}, ready
+
+    def response(self) -> Response:
+        body, ready = self.report()
+        return Response(orjson.dumps(body), status=200 if ready else 503,
+                        mimetype="application/json")
