@@ -12,15 +12,34 @@ metrics; nothing here holds a byte of the response back.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterable
 
 log = logging.getLogger("shim.access")
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestIds:
+    """Unique request ids, cheaply: a random per-process prefix and a counter.
+
+    uuid4 costs a system call per request; this costs a string format. The
+    prefix is drawn again after fork (each worker calls ``reseed``).
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
 
 
 class AccessRecord:
@@ -130,11 +149,12 @@ class AccessLog:
         self.app = app
         self.provider_for_port = provider_for_port
         self.observe = observe
+        self.ids = RequestIds()
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         incoming = environ.get("HTTP_X_REQUEST_ID")
         request_id = (
-            incoming if incoming and _SANE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+            incoming if incoming and _SANE_REQUEST_ID.fullmatch(incoming) else self.ids.next()
         )
         record = AccessRecord(
             request_id,

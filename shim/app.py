@@ -133,11 +133,18 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
     gemini.keys.on_change(metrics.gemini_key_states)
 
     @app.before_request
-    def refuse_leading_double_slash() -> None:
+    def check_and_record_route() -> None:
         # Werkzeug's matcher ignores extra leading slashes, so `//v1/messages`
         # would match `/v1/messages` and then be forwarded as `//v1/...`.
         if request.environ.get("PATH_INFO", "").startswith("//"):
             raise NotFound()
+        # Before the secret check, so a 401 is logged with its route too; the
+        # template, never the raw path (bounded labels, no ids in metrics).
+        record = request.environ["shim.record"]
+        record.route = request.url_rule.rule if request.url_rule else None
+        args = request.view_args
+        if args:
+            record.model = args.get("model") or args.get("model_id")
 
     _register_error_handlers(app)
     log.info(

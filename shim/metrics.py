@@ -40,7 +40,9 @@ DURATION = Histogram(
     ["provider", "route"], buckets=_LATENCY_BUCKETS,
 )
 TTFB = Histogram(
-    "shim_ttfb_seconds", "Time from request to the first byte of the answer",
+    "shim_ttfb_seconds",
+    "Streams: time from request to the first byte of the answer (for an answer sent "
+    "whole it equals the duration, so it is not observed twice)",
     ["provider", "route"], buckets=_LATENCY_BUCKETS,
 )
 STREAM_MAX_GAP = Histogram(
@@ -52,7 +54,6 @@ STREAMS_IN_FLIGHT = Gauge(
     multiprocess_mode="livesum",
 )
 TOKENS = Counter("shim_tokens_total", "Tokens reported by upstream", ["provider", "model", "kind"])
-BYTES = Counter("shim_bytes_total", "Body bytes relayed", ["provider", "direction"])
 UPSTREAM_ERRORS = Counter(
     "shim_upstream_errors_total", "Upstream failures by kind", ["provider", "kind"]
 )
@@ -76,7 +77,19 @@ QUOTA_UTILIZATION = Gauge(
 )
 
 _models: set[str] = set()
+# Label children by label values: .labels() validates and locks on every call,
+# and observe runs for every request.
+_children: dict[tuple, object] = {}
+
+
+def _child(metric, *values: str):  # noqa: ANN001, ANN202
+    key = (id(metric), *values)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*values)
+    return child
 _QUOTA_STATUSES = ("allowed", "allowed_warning", "rejected")
+_last_quota: list[str | None] = [None]
 
 
 def _model_label(model: str | None) -> str:
@@ -95,46 +108,51 @@ def observe(record: AccessRecord, fields: dict) -> None:
     provider = record.provider or "none"
     route = record.route or "unmatched"
     status = record.status or 0
-    REQUESTS.labels(provider, route, f"{status // 100}xx").inc()
-    DURATION.labels(provider, route).observe(fields["duration_ms"] / 1000)
-    if record.ttfb is not None:
-        TTFB.labels(provider, route).observe(record.ttfb)
+    _child(REQUESTS, provider, route, f"{status // 100}xx").inc()
+    _child(DURATION, provider, route).observe(fields["duration_ms"] / 1000)
+    # Each sample is a locked write to a shared file in multiprocess mode; per
+    # request only what a dashboard needs (bytes are in the access line).
     if record.stream:
-        STREAM_MAX_GAP.labels(provider).observe(record.max_gap)
-    if record.bytes_in:
-        BYTES.labels(provider, "in").inc(record.bytes_in)
-    if record.bytes_out:
-        BYTES.labels(provider, "out").inc(record.bytes_out)
+        if record.ttfb is not None:
+            _child(TTFB, provider, route).observe(record.ttfb)
+        _child(STREAM_MAX_GAP, provider).observe(record.max_gap)
     if record.input_tokens or record.output_tokens:
         model = _model_label(record.model)
-        for kind in ("input", "output", "cache_read", "cache_creation"):
-            count = getattr(record, f"{kind}_tokens")
+        for kind, count in (
+            ("input", record.input_tokens),
+            ("output", record.output_tokens),
+            ("cache_read", record.cache_read_tokens),
+            ("cache_creation", record.cache_creation_tokens),
+        ):
             if count:
-                TOKENS.labels(provider, model, kind).inc(count)
+                _child(TOKENS, provider, model, kind).inc(count)
     if record.error:
-        UPSTREAM_ERRORS.labels(provider, record.error).inc()
-    if record.quota_status in _QUOTA_STATUSES:
+        _child(UPSTREAM_ERRORS, provider, record.error).inc()
+    if record.quota_status in _QUOTA_STATUSES and record.quota_status != _last_quota[0]:
+        # Quota gauges only change when the status does; the reset time with it.
+        _last_quota[0] = record.quota_status
         for name in _QUOTA_STATUSES:
-            QUOTA_STATUS.labels(name).set(1 if name == record.quota_status else 0)
+            _child(QUOTA_STATUS, name).set(1 if name == record.quota_status else 0)
+    if record.quota_status in _QUOTA_STATUSES:
         if record.quota_reset and record.quota_reset.isdigit():
             QUOTA_RESET.set(int(record.quota_reset))
         for window in ("5h", "7d"):
             value = getattr(record, f"quota_{window}_utilization")
             if value is not None:
-                QUOTA_UTILIZATION.labels(window).set(value)
+                _child(QUOTA_UTILIZATION, window).set(value)
 
 
 def stream_started(provider: str) -> None:
-    STREAMS_IN_FLIGHT.labels(provider).inc()
+    _child(STREAMS_IN_FLIGHT, provider).inc()
 
 
 def stream_ended(provider: str) -> None:
-    STREAMS_IN_FLIGHT.labels(provider).dec()
+    _child(STREAMS_IN_FLIGHT, provider).dec()
 
 
 def gemini_key_states(states: dict[str, int]) -> None:
     for state, count in states.items():
-        GEMINI_KEYS.labels(state).set(count)
+        _child(GEMINI_KEYS, state).set(count)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -104,15 +104,8 @@ def make_blueprint(
     blueprint = Blueprint(provider.name, __name__)
 
     @authenticated(provider, secret)
-    def checked(**_route_args: str) -> Response:
+    def proxy(**_route_args: str) -> Response:
         return forward(provider, request.environ)
-
-    def proxy(**route_args: str) -> Response:
-        # Before the secret check, so a 401 is logged with its route too.
-        record = request.environ["shim.record"]
-        record.route = request.url_rule.rule  # the template, never the raw path
-        record.model = route_args.get("model") or route_args.get("model_id")
-        return checked(**route_args)
 
     for route in provider.routes:
         blueprint.add_url_rule(
