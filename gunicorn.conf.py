@@ -70,6 +70,10 @@ graceful_timeout = int(_settings.graceful_timeout_s + 0.999)
 # Idle client keep-alive; kept above nginx's upstream keepalive_timeout.
 keepalive = 75
 
+# Behind nginx: believe X-Forwarded-Proto (and shim believes X-Forwarded-For)
+# only from these peers; a header from anyone else is ignored.
+forwarded_allow_ips = ",".join(_settings.trusted_proxies)
+
 # gunicorn >= 25.1 opens a control socket under $HOME or $XDG_RUNTIME_DIR; a
 # non-root container may have neither writable, and nothing here uses it.
 control_socket_disable = True

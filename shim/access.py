@@ -51,7 +51,7 @@ class AccessRecord:
         "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
         "stop_reason", "gemini_key_id", "claude_session_id", "quota_status", "quota_reset",
         "quota_5h_utilization", "quota_7d_utilization", "error", "deferred", "_last", "_done",
-        "_observe",
+        "_observe", "client_ip",
     )
 
     def __init__(
@@ -62,6 +62,7 @@ class AccessRecord:
         observe: Callable[[AccessRecord, dict], None] | None = None,
     ):
         self._observe = observe
+        self.client_ip: str | None = None
         self.request_id = request_id
         self.provider = provider
         self.method = method
@@ -97,6 +98,7 @@ class AccessRecord:
         duration = time.perf_counter() - self.start
         fields = {
             "request_id": self.request_id,
+            "client_ip": self.client_ip,
             "provider": self.provider,
             "method": self.method,
             "route": self.route,
@@ -145,7 +147,9 @@ class AccessLog:
         app: Callable,
         provider_for_port: Callable[[str], str | None],
         observe: Callable[[AccessRecord, dict], None] | None,
+        trusted_proxies: tuple[str, ...] = (),
     ):
+        self.trusted_proxies = frozenset(trusted_proxies)
         self.app = app
         self.provider_for_port = provider_for_port
         self.observe = observe
@@ -162,6 +166,7 @@ class AccessLog:
             environ.get("REQUEST_METHOD", ""),
             self.observe,
         )
+        record.client_ip = client_address(environ, self.trusted_proxies)
         environ["shim.record"] = record
 
         def start(status: str, headers: list, exc_info=None):  # noqa: ANN001, ANN202
@@ -178,3 +183,21 @@ class AccessLog:
         if not record.deferred:
             record.close()
         return body
+
+
+def client_address(environ: dict, trusted_proxies: frozenset[str]) -> str | None:
+    """The caller's address: the socket peer, or what a trusted proxy in front says.
+
+    Only when the peer is a trusted proxy (nginx) is ``X-Forwarded-For``
+    believed, and then only its last entry: the address nginx itself saw
+    (``proxy_add_x_forwarded_for`` appends it); earlier entries are whatever
+    the client claimed.
+    """
+    peer = environ.get("REMOTE_ADDR")
+    if peer and (peer in trusted_proxies or "*" in trusted_proxies):
+        forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+        if forwarded:
+            last = forwarded.rsplit(",", 1)[-1].strip()
+            if last:
+                return last[:64]
+    return peer

@@ -126,7 +126,9 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
         readiness.observe(record)
 
     names = {port: provider.name for port, provider in app.providers_by_port.items()}
-    app.wsgi_app = AccessLog(app.wsgi_app, names.get, observe)  # type: ignore[method-assign]
+    app.wsgi_app = AccessLog(  # type: ignore[method-assign]
+        app.wsgi_app, names.get, observe, settings.trusted_proxies
+    )
     forward_module.on_stream(
         lambda name, delta: (metrics.stream_started if delta > 0 else metrics.stream_ended)(name)
     )

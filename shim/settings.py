@@ -13,6 +13,7 @@ master must not import requests/ssl before gevent patches the workers
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9464
     metrics_dir: str | None = None
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
 
     @property
     def anthropic_configured(self) -> bool:
@@ -89,6 +91,7 @@ class Settings:
             "log_format": env.read("SHIM_LOG_FORMAT", _log_format, "json"),
             "metrics_host": env.read("SHIM_METRICS_HOST", _host, "127.0.0.1"),
             "metrics_port": env.read("SHIM_METRICS_PORT", _optional_port, 9464),
+            "trusted_proxies": env.read("SHIM_TRUSTED_PROXIES", _addresses, ("127.0.0.1", "::1")),
             # prometheus-client's own variable; gunicorn.conf.py sets it for the workers.
             "metrics_dir": env.raw("PROMETHEUS_MULTIPROC_DIR"),
         }
@@ -215,6 +218,19 @@ def _port(raw: str) -> int:
 def _optional_port(raw: str) -> int | None:
     port = _int(raw, 0, 65535, "an integer 1-65535, or 0 for off")
     return port or None
+
+
+def _addresses(raw: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in raw.split(",") if item.strip())
+    for item in items:
+        if item != "*":
+            try:
+                ipaddress.ip_address(item)
+            except ValueError:
+                raise ValueError(
+                    f"expected comma-separated IP addresses or *, got {item!r}"
+                ) from None
+    return items
 
 
 def _log_format(raw: str) -> str:

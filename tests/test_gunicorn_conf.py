@@ -31,7 +31,8 @@ import json, runpy, sys
 ns = runpy.run_path("gunicorn.conf.py")
 heavy = [m for m in ("ssl", "requests", "urllib3", "flask", "gevent", "shim.app", "shim.forward")
          if m in sys.modules]
-names = ("bind", "workers", "worker_class", "control_socket_disable", "accesslog", "timeout")
+names = ("bind", "workers", "worker_class", "control_socket_disable", "accesslog", "timeout",
+         "keepalive", "forwarded_allow_ips", "graceful_timeout")
 print(json.dumps({"heavy": heavy, "preload": ns.get("preload_app", False),
                   **{k: ns.get(k) for k in names}}))
 """

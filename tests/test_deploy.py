@@ -1,0 +1,90 @@
+"""The shipped deployment files say what the README promises (no Docker engine runs here)."""
+
+from __future__ import annotations
+
+import re
+
+from tests.conftest import ROOT
+from tests.test_gunicorn_conf import load_conf
+
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+TEMPLATE = (ROOT / "deploy" / "nginx" / "templates" / "shim.conf.template").read_text()
+SNIPPET = (ROOT / "deploy" / "nginx" / "snippets" / "shim-proxy.conf").read_text()
+COMPOSE = (ROOT / "deploy" / "compose.yaml").read_text()
+
+
+def directives(text: str) -> list[str]:
+    return [
+        line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()
+    ]
+
+
+def final_stage(dockerfile: str) -> str:
+    return dockerfile[dockerfile.rindex("\nFROM ") :]
+
+
+def test_dockerfile_runs_the_tests_gunicorn_command_as_a_non_root_user():
+    stage = final_stage(DOCKERFILE)
+    user = re.search(r"^USER (\S+)", stage, re.M)
+    assert user and user.group(1) not in ("root", "0")
+    assert 'CMD ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]' in stage
+
+
+def test_dockerfile_health_checks_the_health_endpoint_and_exposes_both_ports():
+    assert re.search(r"^HEALTHCHECK .*\n?.*/health", DOCKERFILE, re.M)
+    assert re.search(r"^EXPOSE 8889 8890$", DOCKERFILE, re.M)
+
+
+def test_dockerfile_builds_dependencies_in_a_stage_of_their_own_on_a_multi_arch_base():
+    froms = re.findall(r"^FROM (\S+)", DOCKERFILE, re.M)
+    assert len(froms) == 2 and all(f.startswith("python:3.11-slim") for f in froms)
+    stage = final_stage(DOCKERFILE)
+    assert "pip install" not in stage and "apt-get" not in stage  # no compilers in the image
+    assert "COPY --from=build /venv /venv" in stage
+
+
+def test_dockerignore_keeps_secrets_and_the_venv_out_of_the_image():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".env", ".venv", ".git"} <= set(ignored)
+
+
+def test_nginx_streams_unbuffered_over_http11_with_keepalive():
+    lines = directives(SNIPPET)
+    for expected in (
+        "proxy_buffering off;",
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        "proxy_request_buffering off;",
+        "proxy_next_upstream off;",
+    ):
+        assert expected in lines
+    assert directives(TEMPLATE).count("keepalive 32;") == 2
+
+
+def test_nginx_waits_longer_than_shims_own_silence_timeout():
+    read = int(re.search(r"proxy_read_timeout (\d+)s;", SNIPPET).group(1))
+    assert read > 600  # SHIM_HTTP_TIMEOUT_S default: shim's 504 must win over nginx's cut
+
+
+def test_nginx_body_limit_is_the_apis_and_its_refusal_is_provider_shaped():
+    assert "client_max_body_size 32m;" in directives(SNIPPET)
+    assert '"type":"request_too_large"' in TEMPLATE
+    assert '"code":413' in TEMPLATE and '"status":"INVALID_ARGUMENT"' in TEMPLATE
+
+
+def test_nginx_passes_the_client_address_and_gunicorn_trusts_only_the_proxy():
+    assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in directives(SNIPPET)
+    assert load_conf()["forwarded_allow_ips"] == "127.0.0.1,::1"
+
+
+def test_shim_keeps_idle_connections_longer_than_nginx_does():
+    nginx_idle = int(re.search(r"keepalive_timeout (\d+)s;", TEMPLATE).group(1))
+    assert load_conf()["keepalive"] > nginx_idle
+
+
+def test_compose_runs_shim_and_nginx_with_env_restart_and_a_long_enough_stop():
+    assert "env_file: ../.env" in COMPOSE
+    assert COMPOSE.count("restart: unless-stopped") == 2
+    grace = int(re.search(r"stop_grace_period: (\d+)s", COMPOSE).group(1))
+    assert grace > 120  # SHIM_GRACEFUL_TIMEOUT_S default
+    assert 'SHIM_TRUSTED_PROXIES: "*"' in COMPOSE
