@@ -59,7 +59,14 @@ workers = _settings.workers
 # gunicorn's gevent worker plus a prompt graceful stop and JSON framing errors.
 worker_class = "shim.worker.ShimWorker"
 # Open connections per worker; one long agent stream holds one for minutes.
+# Past it a worker stops accepting (the kernel backlog queues the rest), which
+# also caps what idle or slow connections can hold.
 worker_connections = 1000
+# Request line and header limits (gunicorn's defaults, explicit): past them a
+# request gets 414/431 in the provider's shape (shim.worker).
+limit_request_line = 4094
+limit_request_fields = 100
+limit_request_field_size = 8190
 
 # Heartbeat, not a request limit: a gevent worker notifies from its own
 # greenlet, so a 10-minute stream is fine as long as nothing blocks the loop.
@@ -67,8 +74,10 @@ timeout = 30
 # On SIGTERM in-flight streams get this long to finish; then they end with the
 # provider's error frame. Idle keep-alive connections close at once (shim.worker).
 graceful_timeout = int(_settings.graceful_timeout_s + 0.999)
-# Idle client keep-alive; kept above nginx's upstream keepalive_timeout.
-keepalive = 75
+# How long a connection may sit idle, or take to send its request line and
+# headers (slow or silent clients); above nginx's upstream keepalive_timeout
+# (60 s) so nginx never reuses a connection shim just closed.
+keepalive = int(_settings.idle_timeout_s + 0.999)
 
 # Behind nginx: believe X-Forwarded-Proto (and shim believes X-Forwarded-For)
 # only from these peers; a header from anyone else is ignored.

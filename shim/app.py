@@ -28,6 +28,7 @@ from shim.providers.base import Provider, make_blueprint
 from shim.providers.gemini import Gemini
 from shim.readiness import Readiness
 from shim.settings import Settings
+from shim.throttle import AuthThrottle
 
 log = logging.getLogger("shim")
 
@@ -108,13 +109,19 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
     }
     app.metrics_port = str(settings.metrics_port) if settings.metrics_port else None
     forwarder = Forwarder(
-        settings.connect_timeout_s, settings.http_timeout_s, settings.max_body_bytes
+        settings.connect_timeout_s,
+        settings.http_timeout_s,
+        settings.max_body_bytes,
+        settings.body_timeout_s,
+    )
+    throttle = AuthThrottle(
+        settings.auth_failures_max, settings.auth_failures_window_s, settings.auth_cooloff_s
     )
     app.extensions["shim.forwarder"] = forwarder
     readiness = Readiness(anthropic, gemini)
     secret = settings.shared_secret.encode()
     for provider in (anthropic, gemini):
-        blueprint = make_blueprint(provider, secret, forwarder.forward)
+        blueprint = make_blueprint(provider, secret, forwarder.forward, throttle)
         blueprint.add_url_rule(
             "/health/ready", "ready", readiness.response, methods=["GET"], host=provider.name
         )
@@ -160,6 +167,8 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
             "gemini_port": settings.gemini_port,
         },
     )
+    for warning in settings.warnings:
+        log.warning(warning, extra={"event": "config_warning"})
     for provider in (anthropic, gemini):
         if not provider.configured:
             log.warning(

@@ -6,9 +6,11 @@ Tree (rendering into a provider's JSON shape lives in each provider module)::
     ├── BadRequest (400)
     ├── Unauthorized (401)
     ├── NotFound (404)
+    ├── RequestTimeout (408)
     ├── MethodNotAllowed (405)
     ├── PayloadTooLarge (413)
     ├── RateLimited (429)
+    │   └── AuthThrottled (429)
     ├── UpstreamUnreachable (502)
     ├── ProviderNotConfigured (503)
     ├── ShuttingDown (503)
@@ -32,6 +34,7 @@ ANTHROPIC_TYPES = {
     "method_not_allowed": "invalid_request_error",
     "too_large": "request_too_large",
     "rate_limited": "rate_limit_error",
+    "request_timeout": "timeout_error",
     "upstream_unreachable": "api_error",
     "not_configured": "api_error",
     "upstream_timeout": "timeout_error",
@@ -45,6 +48,7 @@ GOOGLE_STATUSES = {
     "method_not_allowed": "INVALID_ARGUMENT",
     "too_large": "INVALID_ARGUMENT",
     "rate_limited": "RESOURCE_EXHAUSTED",
+    "request_timeout": "DEADLINE_EXCEEDED",
     "upstream_unreachable": "UNAVAILABLE",
     "not_configured": "UNAVAILABLE",
     "upstream_timeout": "DEADLINE_EXCEEDED",
@@ -92,6 +96,12 @@ class NotFound(GatewayError):
     message = "No such endpoint on this gateway."
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    kind = "request_timeout"
+    message = "The request body did not arrive in time."
+
+
 class MethodNotAllowed(GatewayError):
     status = 405
     kind = "method_not_allowed"
@@ -108,6 +118,10 @@ class RateLimited(GatewayError):
     status = 429
     kind = "rate_limited"
     message = "Every upstream key is cooling down after a rate limit; retry later."
+
+
+class AuthThrottled(RateLimited):
+    message = "Too many failed secret checks from this address; retry later."
 
 
 class UpstreamUnreachable(GatewayError):

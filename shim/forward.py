@@ -17,6 +17,7 @@ Hot-path choices (every request, every chunk), measured in bench/:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from shim.errors import (
     BadRequest,
     GatewayError,
     PayloadTooLarge,
+    RequestTimeout,
     ShuttingDown,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -96,7 +98,14 @@ class StreamAborted(Exception):
 class Forwarder:
     """Sends one client request upstream and turns the answer into a WSGI response."""
 
-    def __init__(self, connect_timeout_s: float, read_timeout_s: float, max_body_bytes: int):
+    def __init__(
+        self,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        max_body_bytes: int,
+        body_timeout_s: float = 60.0,
+    ):
+        self.body_timeout_s = body_timeout_s
         self.session = requests.Session()
         # A stray HTTPS_PROXY or ~/.netrc must not redirect or re-authenticate traffic.
         self.session.trust_env = False
@@ -114,7 +123,7 @@ class Forwarder:
         """Forward the request in ``environ`` to ``provider``'s upstream and relay the answer."""
         record: AccessRecord = environ["shim.record"]
         headers = upstream_headers(environ, provider.client_credential_headers)
-        body = read_body(environ, self.max_body_bytes)
+        body = read_body_in_time(environ, self.max_body_bytes, self.body_timeout_s)
         method = environ["REQUEST_METHOD"]
         record.bytes_in = len(body)
         session = environ.get("HTTP_X_CLAUDE_CODE_SESSION_ID")
@@ -220,6 +229,22 @@ def upstream_path(environ: dict, provider: Provider) -> str:
     return f"{path}?{query}"
 
 
+def read_body_in_time(environ: dict, limit: int, seconds: float) -> bytes:
+    """``read_body``, but a client that trickles its body gets 408 after ``seconds``."""
+    try:
+        with hangup.deadline(seconds):
+            return read_body(environ, limit)
+    except TimeoutError:
+        log.info("request body too slow", extra={"event": "request_body_timeout"})
+        client = environ.get("gunicorn.socket")
+        if client is not None:
+            # The rest of the body is unread: end the connection after the 408
+            # instead of letting the server drain a trickle.
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RD)
+        raise RequestTimeout() from None
+
+
 def read_body(environ: dict, limit: int) -> bytes:
     """Read the request body, refusing one over ``limit`` before reading it."""
     stream = environ["wsgi.input"]
@@ -256,6 +281,8 @@ def read_body(environ: dict, limit: int) -> bytes:
 def _read(stream, size: int) -> bytes:  # noqa: ANN001 - any WSGI input stream
     try:
         return stream.read(size)
+    except TimeoutError:
+        raise  # our own deadline (read_body_in_time), not a broken body
     except Exception as exc:  # noqa: BLE001 - the server's body parser raises its own types
         # A client that hangs up or sends a broken chunked body: that is a bad
         # request, not a gateway failure, whatever class the server uses for it.

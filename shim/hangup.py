@@ -14,6 +14,7 @@ watcher only runs while a response streams.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import Callable
@@ -54,6 +55,16 @@ def _wait_for_hangup(client: socket.socket, on_hangup: Callable[[], None]) -> No
     except (OSError, ValueError):
         pass  # reset or already closed: the client is gone all the same
     on_hangup()
+
+
+def deadline(seconds: float):  # noqa: ANN201 - a context manager
+    """Bound a blocking step (reading a request body) under gevent; elsewhere a no-op.
+
+    Raises ``TimeoutError`` when the step outlives ``seconds``.
+    """
+    if gevent is None or not gevent.monkey.is_module_patched("socket"):
+        return contextlib.nullcontext()
+    return gevent.Timeout(seconds, TimeoutError)
 
 
 def shutdown_upstream(raw: object) -> None:

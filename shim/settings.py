@@ -59,6 +59,12 @@ class Settings:
     metrics_port: int | None = 9464
     metrics_dir: str | None = None
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    auth_failures_max: int = 10
+    auth_failures_window_s: float = 60.0
+    auth_cooloff_s: float = 300.0
+    body_timeout_s: float = 60.0
+    idle_timeout_s: float = 75.0
+    warnings: tuple[str, ...] = ()
 
     @property
     def anthropic_configured(self) -> bool:
@@ -91,12 +97,18 @@ class Settings:
             "log_format": env.read("SHIM_LOG_FORMAT", _log_format, "json"),
             "metrics_host": env.read("SHIM_METRICS_HOST", _host, "127.0.0.1"),
             "metrics_port": env.read("SHIM_METRICS_PORT", _optional_port, 9464),
+            "auth_failures_max": env.read("SHIM_AUTH_FAILURES_MAX", _positive_int, 10),
+            "auth_failures_window_s": env.read("SHIM_AUTH_FAILURES_WINDOW_S", _seconds, 60.0),
+            "auth_cooloff_s": env.read("SHIM_AUTH_COOLOFF_S", _seconds, 300.0),
+            "body_timeout_s": env.read("SHIM_BODY_TIMEOUT_S", _seconds, 60.0),
+            "idle_timeout_s": env.read("SHIM_IDLE_TIMEOUT_S", _seconds, 75.0),
             "trusted_proxies": env.read("SHIM_TRUSTED_PROXIES", _addresses, ("127.0.0.1", "::1")),
             # prometheus-client's own variable; gunicorn.conf.py sets it for the workers.
             "metrics_dir": env.raw("PROMETHEUS_MULTIPROC_DIR"),
         }
         keys, source = _gemini_keys(env)
         values["gemini_keys"], values["gemini_keys_source"] = keys, source
+        values["warnings"] = tuple(env.warnings)
 
         if values["anthropic_token"] and values["anthropic_api_key"]:
             env.problems.append(
@@ -131,6 +143,7 @@ class _Env:
         self.environ = environ
         self.problems: list[str] = []
         self.failed: set[str] = set()
+        self.warnings: list[str] = []
 
     def raw(self, name: str) -> str | None:
         # An empty value (``KEY=`` in an .env file) means "not set".
@@ -268,7 +281,12 @@ def _gemini_keys(env: _Env) -> tuple[tuple[str, ...], str]:
         path = file_name or "gemini_keys.txt"
         if file_name is None and not os.path.exists(path):
             return (), "none"  # the default file is optional; a named one is not
-        return load_keys(path=path), path
+        keys = load_keys(path=path)
+        if os.path.exists(path) and os.stat(path).st_mode & 0o004:
+            env.warnings.append(
+                f"SHIM_GEMINI_KEYS_FILE: {path} is readable by every user; chmod 600 it"
+            )
+        return keys, path
     except KeyFileError as exc:
         name = "SHIM_GEMINI_KEYS" if listed is not None else "SHIM_GEMINI_KEYS_FILE"
         env.problems.append(f"{name}: {exc}")

@@ -17,6 +17,7 @@ from flask import Blueprint, Response, request
 from shim.access import AccessRecord
 from shim.auth import authenticated
 from shim.errors import GatewayError
+from shim.throttle import AuthThrottle
 
 JSON = "application/json"
 
@@ -93,7 +94,10 @@ class Provider:
 
 
 def make_blueprint(
-    provider: Provider, secret: bytes, forward: Callable[[Provider, dict], Response]
+    provider: Provider,
+    secret: bytes,
+    forward: Callable[[Provider, dict], Response],
+    throttle: AuthThrottle | None = None,
 ) -> Blueprint:
     """Build the provider's blueprint: its routes (authenticated) plus open health checks.
 
@@ -103,7 +107,7 @@ def make_blueprint(
     """
     blueprint = Blueprint(provider.name, __name__)
 
-    @authenticated(provider, secret)
+    @authenticated(provider, secret, throttle)
     def proxy(**_route_args: str) -> Response:
         return forward(provider, request.environ)
 
