@@ -169,22 +169,18 @@ class Forwarder:
     ) -> urllib3.HTTPResponse:
         try:
             return self.adapter.send(prepared, stream=True, timeout=self.timeout).raw
-        except requests.exceptions.Timeout as exc:
-            record.error = "upstream_timeout"
-            log.warning(
-                "upstream timeout before headers",
-                extra={"event": "upstream_timeout", "provider": provider.name,
-                       "error": type(exc).__name__, "credential": credential},
-            )
-            raise UpstreamTimeout() from None
         except requests.exceptions.RequestException as exc:
-            record.error = "upstream_unreachable"
+            # requests' own tree, translated in this one place (Timeout first:
+            # ConnectTimeout is both a Timeout and a ConnectionError).
+            timed_out = isinstance(exc, requests.exceptions.Timeout)
+            error = UpstreamTimeout() if timed_out else UpstreamUnreachable()
+            record.error = "upstream_timeout" if timed_out else "upstream_unreachable"
             log.warning(
-                "upstream unreachable",
-                extra={"event": "upstream_unreachable", "provider": provider.name,
+                "upstream timeout before headers" if timed_out else "upstream unreachable",
+                extra={"event": record.error, "provider": provider.name,
                        "error": type(exc).__name__, "credential": credential},
             )
-            raise UpstreamUnreachable() from None
+            raise error from None
 
 
 def upstream_headers(environ: dict, credential_headers: frozenset[str]) -> dict[str, str]:
