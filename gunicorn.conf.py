@@ -61,7 +61,7 @@ worker_class = "shim.worker.ShimWorker"
 # Open connections per worker; one long agent stream holds one for minutes.
 # Past it a worker stops accepting (the kernel backlog queues the rest), which
 # also caps what idle or slow connections can hold.
-worker_connections = 1000
+worker_connections = _settings.worker_connections
 # Request line and header limits (gunicorn's defaults, explicit): past them a
 # request gets 414/431 in the provider's shape (shim.worker).
 limit_request_line = 4094

@@ -52,30 +52,49 @@ def tree_cpu_seconds(pid: int) -> float:
 
 def live_cpu_per_request() -> tuple[float, float]:
     upstream_port, api_port, gemini_port = free_port(), free_port(), free_port()
-    upstream = subprocess.Popen([sys.executable, str(Path(__file__).parent / "fast_upstream.py"),
-                                 str(upstream_port)])
+    upstream = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "fast_upstream.py"), str(upstream_port)]
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHIM_")}
-    env.update(SHIM_SHARED_SECRET=SECRET, SHIM_ANTHROPIC_API_KEY="sk-ant-bench",
-               SHIM_ANTHROPIC_UPSTREAM=f"http://127.0.0.1:{upstream_port}",
-               SHIM_BIND_HOST="127.0.0.1", SHIM_ANTHROPIC_PORT=str(api_port),
-               SHIM_GEMINI_PORT=str(gemini_port), SHIM_METRICS_PORT=str(free_port()),
-               SHIM_WORKERS="2", SHIM_GEMINI_KEYS_FILE="")
+    env.update(
+        SHIM_SHARED_SECRET=SECRET,
+        SHIM_ANTHROPIC_API_KEY="sk-ant-bench",
+        SHIM_ANTHROPIC_UPSTREAM=f"http://127.0.0.1:{upstream_port}",
+        SHIM_BIND_HOST="127.0.0.1",
+        SHIM_ANTHROPIC_PORT=str(api_port),
+        SHIM_GEMINI_PORT=str(gemini_port),
+        SHIM_METRICS_PORT=str(free_port()),
+        SHIM_WORKERS="2",
+        SHIM_GEMINI_KEYS_FILE="",
+    )
     log = open(os.devnull, "wb")  # noqa: SIM115 - the access lines are written for real
-    gateway = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
-                                "wsgi:app"], cwd=ROOT, env=env, stdout=log, stderr=log)
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
-    script.write('wrk.method = "POST"\nwrk.body = \'{"model":"m","max_tokens":1,"messages":'
-                 '[{"role":"user","content":"hi"}]}\'\nwrk.headers["Content-Type"] = '
-                 f'"application/json"\nwrk.headers["x-api-key"] = "{SECRET}"\n')
+    script.write(
+        'wrk.method = "POST"\nwrk.body = \'{"model":"m","max_tokens":1,"messages":'
+        '[{"role":"user","content":"hi"}]}\'\nwrk.headers["Content-Type"] = '
+        f'"application/json"\nwrk.headers["x-api-key"] = "{SECRET}"\n'
+    )
     script.close()
     try:
         time.sleep(2.5)
         url = f"http://127.0.0.1:{api_port}/v1/messages"
-        subprocess.run(["wrk", "-t1", "-c32", "-d2s", "-s", script.name, url],
-                       capture_output=True, check=True)  # warm-up
+        subprocess.run(
+            ["wrk", "-t1", "-c32", "-d2s", "-s", script.name, url], capture_output=True, check=True
+        )  # warm-up
         before = tree_cpu_seconds(gateway.pid)
-        out = subprocess.run(["wrk", "-t1", "-c32", f"-d{DURATION}s", "-s", script.name, url],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["wrk", "-t1", "-c32", f"-d{DURATION}s", "-s", script.name, url],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         used = tree_cpu_seconds(gateway.pid) - before
         requests = int(re.search(r"(\d+) requests in", out).group(1))
         non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -107,8 +126,12 @@ def observability_path_seconds() -> float:
     access.setLevel(logging.INFO)
     access.propagate = False
     provider = Anthropic("http://127.0.0.1:1", "sk-ant-bench", None)
-    answer = {"type": "message", "model": "claude-bench", "stop_reason": "end_turn",
-              "usage": {"input_tokens": 10, "output_tokens": 2}}
+    answer = {
+        "type": "message",
+        "model": "claude-bench",
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 10, "output_tokens": 2},
+    }
     headers = {"anthropic-ratelimit-unified-status": "allowed"}
     start = time.process_time()
     for index in range(ROUNDS):

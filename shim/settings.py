@@ -54,6 +54,7 @@ class Settings:
     graceful_timeout_s: float = 120.0
     max_body_bytes: int = 33_554_432
     workers: int = 1
+    worker_connections: int = 1000
     log_format: str = "json"
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9464
@@ -94,6 +95,9 @@ class Settings:
             "graceful_timeout_s": env.read("SHIM_GRACEFUL_TIMEOUT_S", _seconds, 120.0),
             "max_body_bytes": env.read("SHIM_MAX_BODY_BYTES", _positive_int, 33_554_432),
             "workers": env.read("SHIM_WORKERS", _workers, _default_workers()),
+            "worker_connections": env.read(
+                "SHIM_WORKER_CONNECTIONS", _worker_connections, 1000
+            ),
             "log_format": env.read("SHIM_LOG_FORMAT", _log_format, "json"),
             "metrics_host": env.read("SHIM_METRICS_HOST", _host, "127.0.0.1"),
             "metrics_port": env.read("SHIM_METRICS_PORT", _optional_port, 9464),
@@ -255,6 +259,10 @@ def _log_format(raw: str) -> str:
 
 def _positive_int(raw: str) -> int:
     return _int(raw, 1, 2**40, "a positive integer")
+
+
+def _worker_connections(raw: str) -> int:
+    return _int(raw, 1, 100_000, "an integer 1-100000")
 
 
 def _workers(raw: str) -> int:
