@@ -91,6 +91,7 @@ control_socket_disable = True
 # access log stays off (its request line would carry a client's ?key=): shim
 # writes one access line per request itself.
 accesslog = None
+logger_class = "shim.logs.GunicornLogger"
 errorlog = "-"
 loglevel = "info"
 logconfig_dict = gunicorn_logconfig(

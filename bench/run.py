@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-shared-secret-000000000000"
 QUICK = os.environ.get("BENCH_QUICK") == "1"
+REPEATS = 1 if QUICK else 3
 WRK_SECONDS = 3 if QUICK else 6
 BODY = b'{"model":"claude-bench","max_tokens":1,"messages":[{"role":"user","content":"hi"}]}'
 GEMINI_PATH = "/v1beta/models/gemini-bench:generateContent"
@@ -309,17 +310,29 @@ async def streams(
     }
 
 
+def spread(values: list[float]) -> dict:
+    """min / median / max of repeated runs (the table shows the median)."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
 def measure(target: Target, direct: Target) -> dict:
     r: dict = {}
     pid = target.process.pid if target.process else None
     wrk(target.port, 32)  # warm-up
     cpu0 = cpu_seconds(pid) if pid else 0.0
-    r["rps_c32"], done = wrk(target.port, 32)
+    runs, done = [], 0
+    for _ in range(REPEATS):
+        rate, count = wrk(target.port, 32)
+        runs.append(rate)
+        done += count
+    r["rps_c32"] = spread(runs)
     if pid:
         r["cpu_ms_per_req"] = (cpu_seconds(pid) - cpu0) / done * 1000
-    r["rps_c128"], _ = wrk(target.port, 128)
+    r["rps_c128"] = spread([wrk(target.port, 128)[0] for _ in range(REPEATS)])
     if target.gemini_port and target.name != "direct":
-        r["gemini_rps_c32"], _ = wrk(target.gemini_port, 32, GEMINI_PATH)
+        r["gemini_rps_c32"] = spread(
+            [wrk(target.gemini_port, 32, GEMINI_PATH)[0] for _ in range(REPEATS)]
+        )
     if target.name != "direct":
         r["added_p50_ms"], r["added_p99_ms"] = added_latency(
             direct.port, target.port, 150 if QUICK else 400
@@ -328,7 +341,7 @@ def measure(target: Target, direct: Target) -> dict:
     r["stream_c64"] = asyncio.run(streams(target.port, 64, 20, 100))
     if pid:
         r["rss_idle_mib"] = rss_kib(pid) / 1024
-        held = 256 if QUICK else 1024
+        held = 256 if QUICK else 4096
 
         async def hold() -> tuple[dict, int]:
             task = asyncio.create_task(streams(target.port, held, 4, 2000))
@@ -343,8 +356,8 @@ def measure(target: Target, direct: Target) -> dict:
 
 
 ROWS = [
-    ("throughput c=32 (req/s)", "rps_c32", "higher"),
-    ("throughput c=128 (req/s)", "rps_c128", "higher"),
+    ("throughput c=32 (req/s, median)", "rps_c32", "higher"),
+    ("throughput c=128 (req/s, median)", "rps_c128", "higher"),
     ("CPU per request (ms)", "cpu_ms_per_req", "lower"),
     ("added latency p50, c=1 (ms)", "added_p50_ms", "lower"),
     ("added latency p99, c=1 (ms)", "added_p99_ms", "lower"),
@@ -352,18 +365,18 @@ ROWS = [
     ("stream c=64: delay p99 (ms)", ("stream_c64", "delay_p99_ms"), "lower"),
     ("stream c=64: TTFT p99 (ms)", ("stream_c64", "ttft_p99_ms"), "lower"),
     ("stream c=64: bunched streams", ("stream_c64", "bunched"), "lower"),
-    ("held streams (complete)", ("held_streams", "complete"), "higher"),
+    ("held streams, 2 s deltas (complete)", ("held_streams", "complete"), "higher"),
     ("held streams: delay p99 (ms)", ("held_streams", "delay_p99_ms"), "lower"),
+    ("held streams: TTFT p99 (ms)", ("held_streams", "ttft_p99_ms"), "lower"),
     ("RSS idle (MiB)", "rss_idle_mib", "lower"),
     ("RSS growth per open stream (KiB)", "kib_per_stream", "lower"),
-    ("Gemini port throughput c=32 (req/s)", "gemini_rps_c32", "higher"),
+    ("Gemini port throughput c=32 (req/s, median)", "gemini_rps_c32", "higher"),
 ]
 
 
 def value(results: dict, key) -> float | None:  # noqa: ANN001
-    if isinstance(key, tuple):
-        return results.get(key[0], {}).get(key[1])
-    return results.get(key)
+    found = results.get(key[0], {}).get(key[1]) if isinstance(key, tuple) else results.get(key)
+    return found["median"] if isinstance(found, dict) else found
 
 
 def main() -> None:
@@ -387,7 +400,7 @@ def main() -> None:
         upstream.kill()
     by_name = {t.name: t.results for t in targets}
     header = (
-        f"{'measure':<38}{'direct':>10}{'naive':>10}{'nginx':>10}{'shim':>10}{'shim/naive':>12}"
+        f"{'measure':<44}{'direct':>10}{'naive':>10}{'nginx':>10}{'shim':>10}{'shim/naive':>12}"
     )
     print(header)
     print("-" * len(header))
@@ -400,7 +413,15 @@ def main() -> None:
             )
         shim, naive = value(by_name["shim"], key), value(by_name["naive"], key)
         ratio = f"{shim / naive:>11.2f}x" if shim is not None and naive else f"{'-':>12}"
-        print(f"{label:<38}{''.join(cells)}{ratio}")
+        print(f"{label:<44}{''.join(cells)}{ratio}")
+    for name in ("naive", "shim"):
+        for key in ("rps_c32", "rps_c128", "gemini_rps_c32"):
+            runs = by_name[name].get(key)
+            if isinstance(runs, dict):
+                print(
+                    f"  {name} {key}: min {runs['min']:.0f} / median {runs['median']:.0f}"
+                    f" / max {runs['max']:.0f}"
+                )
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(by_name, indent=2))

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable
 
 import orjson
+from gunicorn.glogging import Logger as _GunicornLogger
 
 # Attributes every LogRecord has; anything else was passed in ``extra=``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
@@ -152,3 +153,18 @@ def gunicorn_logconfig(fmt: str, secrets: Iterable[str]) -> dict:
         },
         "root": {"level": "INFO", "handlers": []},
     }
+
+
+class GunicornLogger(_GunicornLogger):
+    """gunicorn's logger with its access log off for good.
+
+    Once ``logconfig_dict`` is set, gunicorn builds every access line (and
+    its request line, with any ``?key=``) even when nothing prints it: about
+    3 % of a request's CPU in a profile. shim writes its own access line.
+    """
+
+    def _compute_access_log_enabled(self) -> bool:
+        return False
+
+    def access(self, resp, req, environ, request_time) -> None:  # noqa: ANN001
+        return None
