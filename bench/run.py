@@ -338,7 +338,15 @@ def measure(target: Target, direct: Target) -> dict:
             direct.port, target.port, 150 if QUICK else 400
         )
     r["stream_c1"] = asyncio.run(streams(target.port, 1, 20, 100))
-    r["stream_c64"] = asyncio.run(streams(target.port, 64, 20, 100))
+    # Chunk delays at c=64 swing by 2x between rounds on a shared 2-core box:
+    # repeat, and report the round with the median p99 (all rounds in the JSON).
+    rounds = [asyncio.run(streams(target.port, 64, 20, 100)) for _ in range(REPEATS)]
+    rounds.sort(key=lambda result: result["delay_p99_ms"])
+    r["stream_c64"] = {
+        **rounds[len(rounds) // 2],
+        "rounds": rounds,
+        "bunched": sum(result["bunched"] for result in rounds),
+    }
     if pid:
         r["rss_idle_mib"] = rss_kib(pid) / 1024
         held = 256 if QUICK else 4096
@@ -362,9 +370,9 @@ ROWS = [
     ("added latency p50, c=1 (ms)", "added_p50_ms", "lower"),
     ("added latency p99, c=1 (ms)", "added_p99_ms", "lower"),
     ("stream c=1: delay p99 (ms)", ("stream_c1", "delay_p99_ms"), "lower"),
-    ("stream c=64: delay p99 (ms)", ("stream_c64", "delay_p99_ms"), "lower"),
+    ("stream c=64: delay p99 (ms, median round)", ("stream_c64", "delay_p99_ms"), "lower"),
     ("stream c=64: TTFT p99 (ms)", ("stream_c64", "ttft_p99_ms"), "lower"),
-    ("stream c=64: bunched streams", ("stream_c64", "bunched"), "lower"),
+    ("stream c=64: bunched streams (all rounds)", ("stream_c64", "bunched"), "lower"),
     ("held streams, 2 s deltas (complete)", ("held_streams", "complete"), "higher"),
     ("held streams: delay p99 (ms)", ("held_streams", "delay_p99_ms"), "lower"),
     ("held streams: TTFT p99 (ms)", ("held_streams", "ttft_p99_ms"), "lower"),
