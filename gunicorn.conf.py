@@ -97,7 +97,7 @@ loglevel = "info"
 logconfig_dict = gunicorn_logconfig(
     _settings.log_format,
     [
-        _settings.shared_secret,
+        *(s for s in (_settings.shared_secret,) if s),
         *_settings.gemini_keys,
         *(s for s in (_settings.anthropic_token, _settings.anthropic_api_key) if s),
     ],

@@ -51,7 +51,7 @@ class AccessRecord:
         "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
         "stop_reason", "gemini_key_id", "claude_session_id", "quota_status", "quota_reset",
         "quota_5h_utilization", "quota_7d_utilization", "error", "deferred", "_last", "_done",
-        "_observe", "client_ip",
+        "_observe", "client_ip", "client",
     )
 
     def __init__(
@@ -63,6 +63,7 @@ class AccessRecord:
     ):
         self._observe = observe
         self.client_ip: str | None = None
+        self.client: str | None = None
         self.request_id = request_id
         self.provider = provider
         self.method = method
@@ -99,6 +100,7 @@ class AccessRecord:
         fields = {
             "request_id": self.request_id,
             "client_ip": self.client_ip,
+            "client": self.client,
             "provider": self.provider,
             "method": self.method,
             "route": self.route,

@@ -20,6 +20,7 @@ from werkzeug.routing import BaseConverter, MapAdapter
 from shim import forward as forward_module
 from shim import logs, metrics
 from shim.access import AccessLog, AccessRecord
+from shim.clients import ClientTable
 from shim.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from shim.forward import Forwarder
 from shim.keys import KeyPool
@@ -89,7 +90,7 @@ class ShimFlask(Flask):
 
 def build_app(settings: Settings | None = None) -> ShimFlask:
     settings = settings or Settings.from_env()
-    secrets = [settings.shared_secret, *settings.gemini_keys]
+    secrets = [s for s in (settings.shared_secret,) if s] + list(settings.gemini_keys)
     secrets += [s for s in (settings.anthropic_token, settings.anthropic_api_key) if s]
     logs.configure(secrets, settings.log_format)
 
@@ -119,9 +120,9 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
     )
     app.extensions["shim.forwarder"] = forwarder
     readiness = Readiness(anthropic, gemini)
-    secret = settings.shared_secret.encode()
+    clients = ClientTable(settings.shared_secret, settings.clients_file)
     for provider in (anthropic, gemini):
-        blueprint = make_blueprint(provider, secret, forwarder.forward, throttle)
+        blueprint = make_blueprint(provider, clients, forwarder.forward, throttle)
         blueprint.add_url_rule(
             "/health/ready", "ready", readiness.response, methods=["GET"], host=provider.name
         )

@@ -1,16 +1,16 @@
-"""The shared-secret check both providers put in front of every forwarded route.
+"""The secret check both providers put in front of every forwarded route.
 
 Where the secret arrives differs per provider (the provider says); how it is
-checked does not: ``hmac.compare_digest`` on bytes, against every value the
-client presented, without stopping at the first. Comparing bytes matters: on
-``str`` compare_digest raises TypeError for non-ASCII input, which would turn a
-crafted header into a 500.
+checked does not: every presented value is matched against every known client
+(``shim.clients``: SHA-256 digests compared with ``hmac.compare_digest`` on
+bytes, no early exit). Bytes matter: on ``str`` compare_digest raises TypeError
+for non-ASCII input, which would turn a crafted header into a 500. The client's
+name goes into the access record, so logs and metrics say who called.
 """
 
 from __future__ import annotations
 
 import functools
-import hmac
 import logging
 import math
 from collections.abc import Callable
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import request
 
+from shim.clients import ClientTable
 from shim.errors import AuthThrottled, Unauthorized
 from shim.throttle import AuthThrottle
 
@@ -28,9 +29,9 @@ if TYPE_CHECKING:
 
 
 def authenticated(
-    provider: Provider, secret: bytes, throttle: AuthThrottle | None = None
+    provider: Provider, clients: ClientTable, throttle: AuthThrottle | None = None
 ) -> Callable:
-    """Wrap a view so it runs only when the client presented ``secret``.
+    """Wrap a view so it runs only when the client presented a known client's secret.
 
     An address that failed too often is answered 429 before any comparison
     (see shim.throttle); its presented value is never logged.
@@ -40,8 +41,8 @@ def authenticated(
         @functools.wraps(view)
         def checked(*args: Any, **kwargs: Any) -> Any:
             environ = request.environ
+            address = environ["shim.record"].client_ip
             if throttle is not None:
-                address = environ["shim.record"].client_ip
                 wait = throttle.blocked_for(address)
                 if wait:
                     log.warning(
@@ -49,7 +50,8 @@ def authenticated(
                         extra={"event": "auth_throttled", "client_ip": address},
                     )
                     raise AuthThrottled(headers=(("Retry-After", str(math.ceil(wait))),))
-            if not secret_matches(provider.presented_secrets(environ), secret):
+            client = clients.match(provider.presented_secrets(environ))
+            if client is None:
                 if throttle is not None and throttle.failed(address):
                     log.warning(
                         "too many failed secret checks; address cooling off",
@@ -57,17 +59,9 @@ def authenticated(
                                "cooloff_s": throttle.cooloff_s},
                     )
                 raise Unauthorized()
+            environ["shim.record"].client = client
             return view(*args, **kwargs)
 
         return checked
 
     return decorator
-
-
-def secret_matches(presented: list[bytes], secret: bytes) -> bool:
-    """Return True if any presented value equals ``secret``, in constant time per value."""
-    matched = False
-    for value in presented:
-        # No short-circuit: every presented value is compared.
-        matched = hmac.compare_digest(value, secret) | matched
-    return matched

@@ -33,7 +33,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _GAP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 REQUESTS = Counter(
-    "shim_requests_total", "Requests answered", ["provider", "route", "status_class"]
+    "shim_requests_total", "Requests answered",
+    ["provider", "route", "status_class", "client"],
 )
 DURATION = Histogram(
     "shim_request_duration_seconds", "Time from request to the end of the answer",
@@ -108,7 +109,8 @@ def observe(record: AccessRecord, fields: dict) -> None:
     provider = record.provider or "none"
     route = record.route or "unmatched"
     status = record.status or 0
-    _child(REQUESTS, provider, route, f"{status // 100}xx").inc()
+    # client: a name from the clients file (bounded by it), "none" before auth.
+    _child(REQUESTS, provider, route, f"{status // 100}xx", record.client or "none").inc()
     _child(DURATION, provider, route).observe(fields["duration_ms"] / 1000)
     # Each sample is a locked write to a shared file in multiprocess mode; per
     # request only what a dashboard needs (bytes are in the access line).

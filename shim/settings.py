@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from shim.clients import ClientsFileError, parse_clients
 from shim.keys import KeyFileError, load_keys
 
 DEFAULT_ANTHROPIC_UPSTREAM = "https://api.anthropic.com"
@@ -39,7 +40,8 @@ class ConfigError(ValueError):
 class Settings:
     """Everything shim is configured with; secrets are kept out of repr()."""
 
-    shared_secret: str = field(repr=False)
+    shared_secret: str | None = field(repr=False)
+    clients_file: str | None = None
     anthropic_token: str | None = field(default=None, repr=False)
     anthropic_api_key: str | None = field(default=None, repr=False)
     anthropic_upstream: str = DEFAULT_ANTHROPIC_UPSTREAM
@@ -80,7 +82,10 @@ class Settings:
         """Build Settings from ``environ`` (default ``os.environ``) or raise ConfigError."""
         env = _Env(os.environ if environ is None else environ)
         values: dict[str, Any] = {
-            "shared_secret": env.read("SHIM_SHARED_SECRET", _secret, None, required=True),
+            "shared_secret": env.read(
+                "SHIM_SHARED_SECRET", _secret, None, required=not env.raw("SHIM_CLIENTS_FILE")
+            ),
+            "clients_file": env.read("SHIM_CLIENTS_FILE", _clients_file, None),
             "anthropic_token": env.read("SHIM_ANTHROPIC_TOKEN", _credential, None),
             "anthropic_api_key": env.read("SHIM_ANTHROPIC_API_KEY", _credential, None),
             "anthropic_upstream": env.read(
@@ -181,6 +186,19 @@ def _default_workers() -> int:
 
 def _header_safe(value: str) -> bool:
     return value.isascii() and value.isprintable() and " " not in value
+
+
+def _clients_file(raw: str) -> str:
+    try:
+        with open(raw, encoding="utf-8") as handle:
+            parse_clients(handle.read())
+    except FileNotFoundError:
+        raise ValueError(f"file {raw!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"file {raw!r} cannot be read ({type(exc).__name__})") from None
+    except ClientsFileError as exc:
+        raise ValueError(str(exc)) from None
+    return raw
 
 
 def _secret(raw: str) -> str:

@@ -16,6 +16,7 @@ from flask import Blueprint, Response, request
 
 from shim.access import AccessRecord
 from shim.auth import authenticated
+from shim.clients import ClientTable
 from shim.errors import GatewayError
 from shim.throttle import AuthThrottle
 
@@ -95,7 +96,7 @@ class Provider:
 
 def make_blueprint(
     provider: Provider,
-    secret: bytes,
+    clients: ClientTable,
     forward: Callable[[Provider, dict], Response],
     throttle: AuthThrottle | None = None,
 ) -> Blueprint:
@@ -107,7 +108,7 @@ def make_blueprint(
     """
     blueprint = Blueprint(provider.name, __name__)
 
-    @authenticated(provider, secret, throttle)
+    @authenticated(provider, clients, throttle)
     def proxy(**_route_args: str) -> Response:
         return forward(provider, request.environ)
 
