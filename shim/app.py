@@ -17,7 +17,6 @@ from flask import Blueprint, Flask, Request, Response, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter, MapAdapter
 
-from shim import forward as forward_module
 from shim import logs, metrics
 from shim.access import AccessLog, AccessRecord
 from shim.clients import ClientTable
@@ -39,11 +38,11 @@ NO_PROVIDER = "none"
 METRICS = "metrics"
 
 
-def _metrics_blueprint() -> Blueprint:
+def _metrics_blueprint(multiprocess_dir: str | None) -> Blueprint:
     blueprint = Blueprint(METRICS, __name__)
 
     def scrape() -> Response:
-        body, content_type = metrics.exposition()
+        body, content_type = metrics.exposition(multiprocess_dir)
         return Response(body, content_type=content_type)
 
     blueprint.add_url_rule("/metrics", "scrape", scrape, methods=["GET"], host=METRICS)
@@ -114,11 +113,13 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
         settings.http_timeout_s,
         settings.max_body_bytes,
         settings.body_timeout_s,
+        on_stream=lambda name, delta: (
+            metrics.stream_started if delta > 0 else metrics.stream_ended
+        )(name),
     )
     throttle = AuthThrottle(
         settings.auth_failures_max, settings.auth_failures_window_s, settings.auth_cooloff_s
     )
-    app.extensions["shim.forwarder"] = forwarder
     readiness = Readiness(anthropic, gemini)
     clients = ClientTable(settings.shared_secret, settings.clients_file)
     for provider in (anthropic, gemini):
@@ -127,7 +128,7 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
             "/health/ready", "ready", readiness.response, methods=["GET"], host=provider.name
         )
         app.register_blueprint(blueprint)
-    app.register_blueprint(_metrics_blueprint())
+    app.register_blueprint(_metrics_blueprint(settings.metrics_dir))
 
     def observe(record: AccessRecord, fields: dict) -> None:
         metrics.observe(record, fields)
@@ -136,9 +137,6 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
     names = {port: provider.name for port, provider in app.providers_by_port.items()}
     app.wsgi_app = AccessLog(  # type: ignore[method-assign]
         app.wsgi_app, names.get, observe, settings.trusted_proxies
-    )
-    forward_module.on_stream(
-        lambda name, delta: (metrics.stream_started if delta > 0 else metrics.stream_ended)(name)
     )
     gemini.keys.on_change(metrics.gemini_key_states)
 
@@ -154,7 +152,7 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
         record.route = request.url_rule.rule if request.url_rule else None
         args = request.view_args
         if args:
-            record.model = args.get("model") or args.get("model_id")
+            record.model = args.get("model")
 
     _register_error_handlers(app)
     log.info(

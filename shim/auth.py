@@ -55,8 +55,11 @@ def authenticated(
                 if throttle is not None and throttle.failed(address):
                     log.warning(
                         "too many failed secret checks; address cooling off",
-                        extra={"event": "auth_throttled", "client_ip": address,
-                               "cooloff_s": throttle.cooloff_s},
+                        extra={
+                            "event": "auth_throttled",
+                            "client_ip": address,
+                            "cooloff_s": throttle.cooloff_s,
+                        },
                     )
                 raise Unauthorized()
             environ["shim.record"].client = client

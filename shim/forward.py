@@ -77,18 +77,13 @@ REQUEST_DROP = HOP_BY_HOP | {
     "x-forwarded-proto",
     "x-real-ip",
 }
+_CONNECTION_WORDS = frozenset({"keep-alive", "close", ""})
 # gunicorn writes its own Date and Server; two of each would confuse clients.
 RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 
 
-# Called with (provider name, +1 or -1) as a stream starts and ends; set by the app
-# (the in-flight gauge). One per process, like the metrics it feeds.
-_on_stream: Callable[[str, int], None] | None = None
-
-
-def on_stream(callback: Callable[[str, int], None] | None) -> None:
-    global _on_stream  # noqa: PLW0603 - process-wide, set once at start-up
-    _on_stream = callback
+# Told (provider name, +1 or -1) as a stream starts and ends (the in-flight gauge).
+StreamCounter = Callable[[str, int], None]
 
 
 class StreamAborted(Exception):
@@ -104,8 +99,10 @@ class Forwarder:
         read_timeout_s: float,
         max_body_bytes: int,
         body_timeout_s: float = 60.0,
+        on_stream: StreamCounter | None = None,
     ):
         self.body_timeout_s = body_timeout_s
+        self.on_stream = on_stream
         self.session = requests.Session()
         # A stray HTTPS_PROXY or ~/.netrc must not redirect or re-authenticate traffic.
         self.session.trust_env = False
@@ -115,9 +112,6 @@ class Forwarder:
         self.session.mount("http://", self.adapter)
         self.timeout = TimeoutSauce(connect=connect_timeout_s, read=read_timeout_s)
         self.max_body_bytes = max_body_bytes
-
-    def close(self) -> None:
-        self.session.close()
 
     def forward(self, provider: Provider, environ: dict) -> Response:
         """Forward the request in ``environ`` to ``provider``'s upstream and relay the answer."""
@@ -148,13 +142,17 @@ class Forwarder:
             record.upstream_status = raw.status
             provider.read_headers(raw.headers, record)
             if raw.status not in provider.retry_statuses:
-                return relay(raw, provider, method, environ, record)
+                return relay(raw, provider, method, environ, record, self.on_stream)
             answer = read_whole(raw, provider, record)
             if provider.after_failure(credential, raw.status, raw.headers, answer) and attempt == 1:
                 log.info(
                     "retrying on another credential",
-                    extra={"event": "upstream_retry", "provider": provider.name,
-                           "upstream_status": raw.status, "credential": credential},
+                    extra={
+                        "event": "upstream_retry",
+                        "provider": provider.name,
+                        "upstream_status": raw.status,
+                        "credential": credential,
+                    },
                 )
                 continue
             return whole_response(raw, answer)
@@ -177,24 +175,29 @@ class Forwarder:
             record.error = "upstream_timeout" if timed_out else "upstream_unreachable"
             log.warning(
                 "upstream timeout before headers" if timed_out else "upstream unreachable",
-                extra={"event": record.error, "provider": provider.name,
-                       "error": type(exc).__name__, "credential": credential},
+                extra={
+                    "event": record.error,
+                    "provider": provider.name,
+                    "error": type(exc).__name__,
+                    "credential": credential,
+                },
             )
             raise error from None
 
 
 def upstream_headers(environ: dict, credential_headers: frozenset[str]) -> dict[str, str]:
     """Return the client's end-to-end headers, minus its credentials, lower-cased."""
-    dropped = REQUEST_DROP
     connection = environ.get("HTTP_CONNECTION")
-    if connection:
-        # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-        dropped = dropped | {token.strip().lower() for token in connection.split(",")}
+    # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1); the usual
+    # "keep-alive"/"close" tokens name nothing else, so check them only then.
+    named = (
+        {t.strip().lower() for t in connection.split(",")} - _CONNECTION_WORDS if connection else ()
+    )
     headers: dict[str, str] = {}
     for key, value in environ.items():
         if key.startswith("HTTP_"):
             name = key[5:].replace("_", "-").lower()
-            if name not in dropped and name not in credential_headers:
+            if name not in REQUEST_DROP and name not in credential_headers and name not in named:
                 headers[name] = value
     content_type = environ.get("CONTENT_TYPE")
     if content_type:
@@ -310,6 +313,7 @@ def relay(
     method: str,
     environ: dict,
     record: AccessRecord,
+    on_stream: StreamCounter | None = None,
 ) -> Response:
     """Turn the upstream response into the client's, bytes untouched."""
     length = raw.headers.get("content-length")
@@ -332,7 +336,7 @@ def relay(
     tap = None
     if provider.usage_markers and not encoded and content_type.startswith("text/event-stream"):
         tap = SseTap(provider.event_separator, provider.usage_markers)
-    body = UpstreamBody(raw, provider, content_type, frame, record, tap)
+    body = UpstreamBody(raw, provider, content_type, frame, record, tap, on_stream)
     body.watch_client(environ.get("gunicorn.socket"))
     return Response(body, status=status_line(raw), headers=headers, direct_passthrough=True)
 
@@ -340,7 +344,10 @@ def relay(
 def _read_usage_from_json(
     body: bytes, raw: urllib3.HTTPResponse, provider: Provider, record: AccessRecord
 ) -> None:
-    if not raw.headers.get("content-type", "").startswith("application/json"):
+    # Model lists and token counts carry no usage: skip parsing them.
+    if b'"usage' not in body or not raw.headers.get("content-type", "").startswith(
+        "application/json"
+    ):
         return
     try:
         data = orjson.loads(body)
@@ -400,8 +407,18 @@ class UpstreamBody:
     """
 
     __slots__ = (
-        "_raw", "_chunks", "_provider", "_content_type", "_frame", "_complete",
-        "_watch", "_client_gone", "_record", "_tap", "_finished",
+        "_raw",
+        "_chunks",
+        "_provider",
+        "_content_type",
+        "_frame",
+        "_complete",
+        "_watch",
+        "_client_gone",
+        "_record",
+        "_tap",
+        "_finished",
+        "_on_stream",
     )
 
     def __init__(  # noqa: PLR0913
@@ -412,7 +429,9 @@ class UpstreamBody:
         frame,  # noqa: ANN001 - the provider's stream_error_frame, or None
         record: AccessRecord,
         tap: SseTap | None,
+        on_stream: StreamCounter | None = None,
     ):
+        self._on_stream = on_stream
         self._raw = raw
         self._provider = provider
         self._content_type = content_type
@@ -425,8 +444,8 @@ class UpstreamBody:
         self._client_gone = False
         record.stream = True
         record.deferred = True  # this body writes the access line when it ends
-        if _on_stream is not None:
-            _on_stream(provider.name, 1)
+        if on_stream is not None:
+            on_stream(provider.name, 1)
         if raw.chunked:
             self._chunks: Iterator[bytes] = raw.read_chunked(CHUNK_BYTES, decode_content=False)
         else:
@@ -441,8 +460,11 @@ class UpstreamBody:
         self._record.error = "client_gone"
         log.info(
             "client went away mid-stream; closing upstream",
-            extra={"event": "client_gone", "provider": self._provider.name,
-                   "request_id": self._record.request_id},
+            extra={
+                "event": "client_gone",
+                "provider": self._provider.name,
+                "request_id": self._record.request_id,
+            },
         )
         raw = self._raw
         if raw is not None:
@@ -474,14 +496,20 @@ class UpstreamBody:
         return chunk
 
     def _fail(self, error: GatewayError, cause: str) -> bytes:
-        self._record.error = "worker_stopping" if cause == "worker_stopping" else (
-            "upstream_timeout" if isinstance(error, UpstreamTimeout) else "stream_failed"
+        self._record.error = (
+            "worker_stopping"
+            if cause == "worker_stopping"
+            else ("upstream_timeout" if isinstance(error, UpstreamTimeout) else "stream_failed")
         )
         log.warning(
             "upstream stream ended early",
-            extra={"event": "upstream_stream_failed", "provider": self._provider.name,
-                   "error": cause, "status": error.status,
-                   "request_id": self._record.request_id},
+            extra={
+                "event": "upstream_stream_failed",
+                "provider": self._provider.name,
+                "error": cause,
+                "status": error.status,
+                "request_id": self._record.request_id,
+            },
         )
         self._release(clean=False)
         frame = self._frame(error, self._content_type) if self._frame else None
@@ -504,8 +532,8 @@ class UpstreamBody:
         if self._tap is not None:
             self._tap.read(lambda data: self._provider.read_usage(data, record))
             record.events = self._tap.events
-        if _on_stream is not None:
-            _on_stream(self._provider.name, -1)
+        if self._on_stream is not None:
+            self._on_stream(self._provider.name, -1)
         record.close()
 
     def _release(self, clean: bool) -> None:

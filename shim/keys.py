@@ -15,6 +15,11 @@ import time
 from collections.abc import Callable
 
 
+def header_safe(value: str) -> bool:
+    """True if ``value`` can travel in an HTTP header as it is: printable ASCII, no spaces."""
+    return value.isascii() and value.isprintable() and " " not in value
+
+
 class KeyFileError(ValueError):
     """A key list that cannot be used; the message never contains a key."""
 
@@ -36,7 +41,7 @@ def load_keys(*, path: str | None = None, text: str | None = None) -> tuple[str,
         key = line.split("#", 1)[0].strip()
         if not key:
             continue
-        if not (key.isascii() and key.isprintable()) or " " in key:
+        if not header_safe(key):
             where = f"line {number}" if path else f"entry {len(keys) + 1}"
             raise KeyFileError(f"{where}: expected a key of printable ASCII without spaces")
         if key not in keys:

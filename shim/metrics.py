@@ -13,8 +13,6 @@ names cut off after ``MAX_MODELS`` distinct values per process (then
 
 from __future__ import annotations
 
-import os
-
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -33,25 +31,33 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _GAP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 REQUESTS = Counter(
-    "shim_requests_total", "Requests answered",
+    "shim_requests_total",
+    "Requests answered",
     ["provider", "route", "status_class", "client"],
 )
 DURATION = Histogram(
-    "shim_request_duration_seconds", "Time from request to the end of the answer",
-    ["provider", "route"], buckets=_LATENCY_BUCKETS,
+    "shim_request_duration_seconds",
+    "Time from request to the end of the answer",
+    ["provider", "route"],
+    buckets=_LATENCY_BUCKETS,
 )
 TTFB = Histogram(
     "shim_ttfb_seconds",
     "Streams: time from request to the first byte of the answer (for an answer sent "
     "whole it equals the duration, so it is not observed twice)",
-    ["provider", "route"], buckets=_LATENCY_BUCKETS,
+    ["provider", "route"],
+    buckets=_LATENCY_BUCKETS,
 )
 STREAM_MAX_GAP = Histogram(
-    "shim_stream_max_gap_seconds", "Longest silence between chunks of a stream",
-    ["provider"], buckets=_GAP_BUCKETS,
+    "shim_stream_max_gap_seconds",
+    "Longest silence between chunks of a stream",
+    ["provider"],
+    buckets=_GAP_BUCKETS,
 )
 STREAMS_IN_FLIGHT = Gauge(
-    "shim_streams_in_flight", "Streams being relayed now", ["provider"],
+    "shim_streams_in_flight",
+    "Streams being relayed now",
+    ["provider"],
     multiprocess_mode="livesum",
 )
 TOKENS = Counter("shim_tokens_total", "Tokens reported by upstream", ["provider", "model", "kind"])
@@ -59,12 +65,15 @@ UPSTREAM_ERRORS = Counter(
     "shim_upstream_errors_total", "Upstream failures by kind", ["provider", "kind"]
 )
 GEMINI_KEYS = Gauge(
-    "shim_gemini_keys", "Gemini keys by state, per worker", ["state"],
+    "shim_gemini_keys",
+    "Gemini keys by state, per worker",
+    ["state"],
     multiprocess_mode="liveall",
 )
 QUOTA_STATUS = Gauge(
     "shim_subscription_quota_status",
-    "Last anthropic-ratelimit-unified-status seen (1 for the current one)", ["status"],
+    "Last anthropic-ratelimit-unified-status seen (1 for the current one)",
+    ["status"],
     multiprocess_mode="livemostrecent",
 )
 QUOTA_RESET = Gauge(
@@ -73,8 +82,10 @@ QUOTA_RESET = Gauge(
     multiprocess_mode="livemostrecent",
 )
 QUOTA_UTILIZATION = Gauge(
-    "shim_subscription_quota_utilization_ratio", "Subscription quota used, by window",
-    ["window"], multiprocess_mode="livemostrecent",
+    "shim_subscription_quota_utilization_ratio",
+    "Subscription quota used, by window",
+    ["window"],
+    multiprocess_mode="livemostrecent",
 )
 
 _models: set[str] = set()
@@ -89,6 +100,8 @@ def _child(metric, *values: str):  # noqa: ANN001, ANN202
     if child is None:
         child = _children[key] = metric.labels(*values)
     return child
+
+
 _QUOTA_STATUSES = ("allowed", "allowed_warning", "rejected")
 _last_quota: list[str | None] = [None]
 
@@ -157,9 +170,9 @@ def gemini_key_states(states: dict[str, int]) -> None:
         _child(GEMINI_KEYS, state).set(count)
 
 
-def exposition() -> tuple[bytes, str]:
-    """The scrape body for every worker (multiprocess) or this process."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+def exposition(multiprocess_dir: str | None) -> tuple[bytes, str]:
+    """The scrape body for all workers (multiprocess: Settings.metrics_dir) or this process."""
+    if multiprocess_dir:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -57,5 +57,6 @@ class Readiness:
 
     def response(self) -> Response:
         body, ready = self.report()
-        return Response(orjson.dumps(body), status=200 if ready else 503,
-                        mimetype="application/json")
+        return Response(
+            orjson.dumps(body), status=200 if ready else 503, mimetype="application/json"
+        )

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from shim.clients import ClientsFileError, parse_clients
-from shim.keys import KeyFileError, load_keys
+from shim.keys import KeyFileError, header_safe, load_keys
 
 DEFAULT_ANTHROPIC_UPSTREAM = "https://api.anthropic.com"
 DEFAULT_GEMINI_UPSTREAM = "https://generativelanguage.googleapis.com"
@@ -100,9 +100,7 @@ class Settings:
             "graceful_timeout_s": env.read("SHIM_GRACEFUL_TIMEOUT_S", _seconds, 120.0),
             "max_body_bytes": env.read("SHIM_MAX_BODY_BYTES", _positive_int, 33_554_432),
             "workers": env.read("SHIM_WORKERS", _workers, _default_workers()),
-            "worker_connections": env.read(
-                "SHIM_WORKER_CONNECTIONS", _worker_connections, 1000
-            ),
+            "worker_connections": env.read("SHIM_WORKER_CONNECTIONS", _worker_connections, 1000),
             "log_format": env.read("SHIM_LOG_FORMAT", _log_format, "json"),
             "metrics_host": env.read("SHIM_METRICS_HOST", _host, "127.0.0.1"),
             "metrics_port": env.read("SHIM_METRICS_PORT", _optional_port, 9464),
@@ -184,10 +182,6 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _header_safe(value: str) -> bool:
-    return value.isascii() and value.isprintable() and " " not in value
-
-
 def _clients_file(raw: str) -> str:
     try:
         with open(raw, encoding="utf-8") as handle:
@@ -204,14 +198,14 @@ def _clients_file(raw: str) -> str:
 def _secret(raw: str) -> str:
     if len(raw) < MIN_SECRET_CHARS:
         raise ValueError(f"expected at least {MIN_SECRET_CHARS} characters, got {len(raw)}")
-    if not _header_safe(raw):
+    if not header_safe(raw):
         raise ValueError("expected printable ASCII without spaces (it travels in a header)")
     return raw
 
 
 def _credential(raw: str) -> str:
     raw = raw.strip()
-    if not _header_safe(raw):
+    if not header_safe(raw):
         raise ValueError("expected printable ASCII without spaces (it travels in a header)")
     return raw
 

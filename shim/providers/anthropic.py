@@ -22,7 +22,6 @@ _USAGE_FIELDS = (
 )
 
 
-
 def merge_beta(client_value: str | None, beta: str) -> str:
     """Return the client's comma-separated betas, order kept, duplicates dropped, ``beta`` added."""
     merged: list[str] = []
@@ -41,7 +40,7 @@ class Anthropic(Provider):
         Route("/v1/messages", "messages", ("POST",)),
         Route("/v1/messages/count_tokens", "count_tokens", ("POST",)),
         Route("/v1/models", "models", ("GET",)),
-        Route("/v1/models/<model_id:model_id>", "model", ("GET",)),
+        Route("/v1/models/<model_id:model>", "model", ("GET",)),
     )
     client_credential_headers = frozenset({"x-api-key", "authorization"})
     # A real newline ends the SSE field line; inside JSON text it would be escaped.
@@ -54,8 +53,7 @@ class Anthropic(Provider):
         self._bearer = f"Bearer {oauth_token}" if oauth_token else None
 
     def __repr__(self) -> str:
-        mode = "oauth" if self._oauth_token else "api_key" if self._api_key else "none"
-        return f"Anthropic(upstream={self.upstream!r}, credential={mode})"
+        return f"Anthropic(upstream={self.upstream!r}, credential={self.credential_kind})"
 
     @property
     def configured(self) -> bool:

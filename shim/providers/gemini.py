@@ -24,7 +24,6 @@ ACTIONS = "generateContent,streamGenerateContent,countTokens,embedContent,batchE
 _VERSION = "<any(v1beta,v1):version>"
 
 
-
 def query_params(query: str) -> list[tuple[bytes, str]]:
     """Split a raw query into (decoded name, raw pair) so names can be matched exactly."""
     pairs = []
@@ -178,15 +177,22 @@ class Gemini(Provider):
             self.keys.disable(credential)
             log.warning(
                 "gemini key rejected by upstream; taken out of rotation",
-                extra={"event": "gemini_key_disabled", "gemini_key_id": credential,
-                       "upstream_status": status},
+                extra={
+                    "event": "gemini_key_disabled",
+                    "gemini_key_id": credential,
+                    "upstream_status": status,
+                },
             )
         else:
             self.keys.cool_down(credential, verdict.seconds)
             log.warning(
                 "gemini key rate limited; cooling down",
-                extra={"event": "gemini_key_cooling", "gemini_key_id": credential,
-                       "cool_down_s": round(verdict.seconds, 1), "quota": verdict.quota},
+                extra={
+                    "event": "gemini_key_cooling",
+                    "gemini_key_id": credential,
+                    "cool_down_s": round(verdict.seconds, 1),
+                    "quota": verdict.quota,
+                },
             )
         return True
 
