@@ -78,6 +78,8 @@ class AccessRecord:
         "_observe",
         "client_ip",
         "client",
+        "limits",
+        "lease",
     )
 
     def __init__(
@@ -90,6 +92,8 @@ class AccessRecord:
         self._observe = observe
         self.client_ip: str | None = None
         self.client: str | None = None
+        # Set by shim.limits when a limited call is admitted; settled as the record closes.
+        self.limits = self.lease = None
         self.request_id = request_id
         self.provider = provider
         self.method = method

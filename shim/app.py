@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, Request, Response, request
 from werkzeug.exceptions import HTTPException
@@ -23,11 +24,13 @@ from shim.clients import ClientTable
 from shim.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from shim.forward import Forwarder
 from shim.keys import KeyPool
+from shim.limits import Limiter
 from shim.providers.anthropic import Anthropic
 from shim.providers.base import Provider, make_blueprint
 from shim.providers.gemini import Gemini
 from shim.readiness import Readiness
 from shim.settings import Settings
+from shim.state import open_state
 from shim.throttle import AuthThrottle
 
 log = logging.getLogger("shim")
@@ -91,6 +94,7 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
     settings = settings or Settings.from_env()
     secrets = [s for s in (settings.shared_secret,) if s] + list(settings.gemini_keys)
     secrets += [s for s in (settings.anthropic_token, settings.anthropic_api_key) if s]
+    secrets += [s for s in (urlsplit(settings.state_url).password,) if s]
     logs.configure(secrets, settings.log_format)
 
     app = ShimFlask(__name__, static_folder=None, host_matching=True, static_host=None)
@@ -102,7 +106,9 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
     anthropic = Anthropic(
         settings.anthropic_upstream, settings.anthropic_api_key, settings.anthropic_token
     )
-    gemini = Gemini(settings.gemini_upstream, KeyPool(settings.gemini_keys))
+    state = open_state(settings.state_url)
+    shared = state if state.shared else None
+    gemini = Gemini(settings.gemini_upstream, KeyPool(settings.gemini_keys, shared=shared))
     app.providers_by_port = {
         str(settings.anthropic_port): anthropic,
         str(settings.gemini_port): gemini,
@@ -122,8 +128,9 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
     )
     readiness = Readiness(anthropic, gemini)
     clients = ClientTable(settings.shared_secret, settings.clients_file)
+    limiter = Limiter(state, on_reject=metrics.limit_rejected, on_state_error=metrics.state_failed)
     for provider in (anthropic, gemini):
-        blueprint = make_blueprint(provider, clients, forwarder.forward, throttle)
+        blueprint = make_blueprint(provider, clients, forwarder.forward, throttle, limiter)
         blueprint.add_url_rule(
             "/health/ready", "ready", readiness.response, methods=["GET"], host=provider.name
         )
@@ -131,6 +138,8 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
     app.register_blueprint(_metrics_blueprint(settings.metrics_dir))
 
     def observe(record: AccessRecord, fields: dict) -> None:
+        if record.lease is not None:
+            limiter.finish(record)
         metrics.observe(record, fields)
         readiness.observe(record)
 
@@ -164,6 +173,7 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
             "gemini_keys": len(gemini.keys),
             "gemini_keys_source": settings.gemini_keys_source,
             "gemini_port": settings.gemini_port,
+            "state": repr(state),
         },
     )
     for warning in settings.warnings:

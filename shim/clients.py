@@ -1,7 +1,8 @@
 """Named clients: who presented which secret, without the file being a secret store.
 
 ``SHIM_CLIENTS_FILE`` holds one client per line, ``name sha256-hex-of-secret``
-(``#`` comments and blank lines ignored). ``python -m shim.clients new NAME``
+and optionally its limits (``concurrency=4 rpm=60 tokens_per_day=2000000``,
+see shim.limits); ``#`` comments and blank lines are ignored. ``python -m shim.clients new NAME``
 prints a fresh random secret (shown once) and the line to add. The single
 ``SHIM_SHARED_SECRET`` keeps working as the client ``default``.
 
@@ -24,6 +25,9 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
+from typing import NamedTuple
+
+from shim.limits import NO_LIMITS, Limits, parse_limits
 
 log = logging.getLogger("shim.clients")
 
@@ -40,23 +44,34 @@ def digest(secret: bytes) -> bytes:
     return hashlib.sha256(secret).digest()
 
 
-def parse_clients(text: str) -> tuple[tuple[str, bytes], ...]:
-    """Parse ``name sha256hex`` lines into (name, digest) pairs, or raise ClientsFileError."""
-    entries: list[tuple[str, bytes]] = []
+class Client(NamedTuple):
+    name: str
+    digest: bytes
+    limits: Limits = NO_LIMITS
+
+
+def parse_clients(text: str) -> tuple[Client, ...]:
+    """Parse ``name sha256hex [limit=N ...]`` lines into Clients, or raise ClientsFileError."""
+    entries: list[Client] = []
     names: set[str] = set()
     for number, line in enumerate(text.splitlines(), start=1):
         content = line.split("#", 1)[0].strip()
         if not content:
             continue
         parts = content.split()
-        if len(parts) != 2 or not _NAME.fullmatch(parts[0]) or not _DIGEST.fullmatch(parts[1]):
+        if len(parts) < 2 or not _NAME.fullmatch(parts[0]) or not _DIGEST.fullmatch(parts[1]):
             raise ClientsFileError(
-                f"line {number}: expected 'name sha256-hex' (name: letters, digits, . _ -)"
+                f"line {number}: expected 'name sha256-hex [limit=N ...]' "
+                "(name: letters, digits, . _ -)"
             )
+        try:
+            limits = parse_limits(parts[2:])
+        except ValueError as exc:
+            raise ClientsFileError(f"line {number}: {exc}") from None
         if parts[0] in names or parts[0] == DEFAULT_CLIENT:
             raise ClientsFileError(f"line {number}: client {parts[0]!r} is named twice or reserved")
         names.add(parts[0])
-        entries.append((parts[0], bytes.fromhex(parts[1])))
+        entries.append(Client(parts[0], bytes.fromhex(parts[1]), limits))
     return tuple(entries)
 
 
@@ -69,21 +84,28 @@ class ClientTable:
         path: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self._default = ((DEFAULT_CLIENT, digest(shared_secret.encode())),) if shared_secret else ()
+        self._default = (
+            (Client(DEFAULT_CLIENT, digest(shared_secret.encode())),) if shared_secret else ()
+        )
         self._path = path
         self._clock = clock
-        self._entries: tuple[tuple[str, bytes], ...] = self._default
+        self._entries: tuple[Client, ...] = self._default
+        self._limits: dict[str, Limits] = {}
         self._mtime: float | None = None
         self._checked = float("-inf")
         if path:
             self._load(initial=True)
 
     def __repr__(self) -> str:
-        return f"ClientTable(clients={[name for name, _ in self._entries]})"
+        return f"ClientTable(clients={self.names})"
 
     @property
     def names(self) -> list[str]:
-        return [name for name, _ in self._entries]
+        return [entry.name for entry in self._entries]
+
+    def limits(self, name: str) -> Limits:
+        """The limits of client ``name`` as the file says now (none for unknown names)."""
+        return self._limits.get(name, NO_LIMITS)
 
     def match(self, presented: list[bytes]) -> str | None:
         """Return the name of the client whose secret is among ``presented``, else None."""
@@ -91,7 +113,7 @@ class ClientTable:
         found = None
         for value in presented:
             candidate = digest(value)
-            for name, expected in self._entries:
+            for name, expected, _ in self._entries:
                 # Every entry is compared, match or not: no timing hint of which.
                 if hmac.compare_digest(candidate, expected) and found is None:
                     found = name
@@ -129,6 +151,7 @@ class ClientTable:
             )
             return
         self._entries = self._default + entries
+        self._limits = {entry.name: entry.limits for entry in entries if entry.limits}
         self._mtime = mtime
         if not initial:
             log.info(

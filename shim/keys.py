@@ -13,6 +13,17 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from shim.limits import StateUnavailable
+
+if TYPE_CHECKING:
+    from shim.state import State
+
+# How often a worker looks at benches other instances put in shared state.
+SYNC_EVERY_S = 0.5
+# A key rejected as invalid is benched this long for the other instances.
+DISABLED_BENCH_S = 86_400.0
 
 
 def header_safe(value: str) -> bool:
@@ -59,12 +70,20 @@ def key_id(key: str) -> str:
 class KeyPool:
     """Round-robin over a fixed set of keys, skipping keys that are cooling down or disabled.
 
-    State is per worker process (``memory``); a 429 on one worker benches the
-    key on that worker only. Keys are addressed by ``key_id`` outside this
-    class so callers never need to hold or log a key.
+    Benches are kept in this worker and, when ``shared`` is a store shared by
+    every instance (Redis), written there too and read back from it at most
+    every ``SYNC_EVERY_S``: one instance's 429 benches the key for all. A
+    failing shared store is skipped (benches stay per worker until it is back).
+    Times are wall-clock seconds, the clock instances share. Keys are
+    addressed by ``key_id`` outside this class so callers never hold or log one.
     """
 
-    def __init__(self, keys: tuple[str, ...], clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        keys: tuple[str, ...],
+        clock: Callable[[], float] = time.time,
+        shared: State | None = None,
+    ):
         self._keys = keys
         self._ids = {key: key_id(key) for key in keys}
         self._by_id = {ident: key for key, ident in self._ids.items()}
@@ -73,6 +92,8 @@ class KeyPool:
         self._cooling_until: dict[str, float] = {}  # key id -> monotonic time it is back
         self._disabled: set[str] = set()
         self._on_change: Callable[[dict[str, int]], None] | None = None
+        self._shared = shared
+        self._synced = float("-inf")
 
     def on_change(self, callback: Callable[[dict[str, int]], None]) -> None:
         """Call ``callback(states())`` now and whenever a key's state changes."""
@@ -92,6 +113,8 @@ class KeyPool:
     def next_key(self) -> str | None:
         """Return the next available key in turn, or None when none is available now."""
         now = self._clock()
+        if self._shared is not None and now - self._synced >= SYNC_EVERY_S:
+            self._sync(now)
         count = len(self._keys)
         for step in range(count):
             key = self._keys[(self._next + step) % count]
@@ -108,6 +131,27 @@ class KeyPool:
             return key
         return None
 
+    def _sync(self, now: float) -> None:
+        self._synced = now
+        try:
+            benched = self._shared.benched_keys(now)  # type: ignore[union-attr]
+        except StateUnavailable:
+            return
+        changed = False
+        for ident, until in benched.items():
+            if ident in self._by_id and until > self._cooling_until.get(ident, 0.0):
+                self._cooling_until[ident] = until
+                changed = True
+        if changed:
+            self._changed()
+
+    def _share(self, ident: str, until: float) -> None:
+        if self._shared is not None:
+            try:
+                self._shared.bench_key(ident, until)
+            except StateUnavailable:
+                pass  # this worker still benches it; the others learn from their own 429
+
     def id_of(self, key: str) -> str:
         return self._ids.get(key) or key_id(key)
 
@@ -117,6 +161,7 @@ class KeyPool:
             until = self._clock() + max(0.0, seconds)
             self._cooling_until[ident] = max(until, self._cooling_until.get(ident, 0.0))
             self._changed()
+            self._share(ident, until)
 
     def disable(self, ident: str) -> None:
         """Take the key ``ident`` out of rotation for the life of the process."""
@@ -124,6 +169,7 @@ class KeyPool:
             self._disabled.add(ident)
             self._cooling_until.pop(ident, None)
             self._changed()
+            self._share(ident, self._clock() + DISABLED_BENCH_S)
 
     def seconds_until_available(self) -> float | None:
         """Seconds until the soonest benched key returns; None if every key is disabled."""

@@ -64,6 +64,14 @@ TOKENS = Counter("shim_tokens_total", "Tokens reported by upstream", ["provider"
 UPSTREAM_ERRORS = Counter(
     "shim_upstream_errors_total", "Upstream failures by kind", ["provider", "kind"]
 )
+LIMIT_REJECTIONS = Counter(
+    "shim_limit_rejections_total", "Calls refused by a per-client limit", ["client", "limit"]
+)
+STATE_ERRORS = Counter(
+    "shim_state_errors_total",
+    "State store (Redis) failures; limits failed open meanwhile",
+    ["operation"],
+)
 GEMINI_KEYS = Gauge(
     "shim_gemini_keys",
     "Gemini keys by state, per worker",
@@ -163,6 +171,14 @@ def stream_started(provider: str) -> None:
 
 def stream_ended(provider: str) -> None:
     _child(STREAMS_IN_FLIGHT, provider).dec()
+
+
+def limit_rejected(client: str, limit: str) -> None:
+    _child(LIMIT_REJECTIONS, client, limit).inc()
+
+
+def state_failed(operation: str) -> None:
+    _child(STATE_ERRORS, operation).inc()
 
 
 def gemini_key_states(states: dict[str, int]) -> None:

@@ -67,6 +67,8 @@ class Settings:
     auth_cooloff_s: float = 300.0
     body_timeout_s: float = 60.0
     idle_timeout_s: float = 75.0
+    # May carry a Redis password: kept out of repr().
+    state_url: str = field(default="memory://", repr=False)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -109,6 +111,7 @@ class Settings:
             "auth_cooloff_s": env.read("SHIM_AUTH_COOLOFF_S", _seconds, 300.0),
             "body_timeout_s": env.read("SHIM_BODY_TIMEOUT_S", _seconds, 60.0),
             "idle_timeout_s": env.read("SHIM_IDLE_TIMEOUT_S", _seconds, 75.0),
+            "state_url": env.read("SHIM_STATE_URL", _state_url, "memory://"),
             "trusted_proxies": env.read("SHIM_TRUSTED_PROXIES", _addresses, ("127.0.0.1", "::1")),
             # prometheus-client's own variable; gunicorn.conf.py sets it for the workers.
             "metrics_dir": env.raw("PROMETHEUS_MULTIPROC_DIR"),
@@ -193,6 +196,27 @@ def _clients_file(raw: str) -> str:
     except ClientsFileError as exc:
         raise ValueError(str(exc)) from None
     return raw
+
+
+def _state_url(raw: str) -> str:
+    url = raw.strip()
+    if url.rstrip("/") == "memory:":
+        return "memory://"
+    parts = urlsplit(url)
+    if parts.scheme in ("redis", "rediss") and parts.hostname:
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError("expected a valid port in the Redis URL") from None
+        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+            raise ValueError("expected a database number as the Redis URL's path, e.g. /0")
+        return url
+    if parts.scheme == "unix" and parts.path:
+        return url
+    # Never echo the value: it may carry a password.
+    raise ValueError(
+        "expected memory:// or redis://[:password@]host[:port][/db], rediss://… or unix:///path"
+    )
 
 
 def _secret(raw: str) -> str:

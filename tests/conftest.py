@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,7 +127,11 @@ def start_gateway(env_overrides: dict[str, str], log_path: Path) -> Gateway:
             start_new_session=True,  # its own process group, so workers die with it
         )
     gateway = Gateway(
-        process, anthropic_port, gemini_port, log_path, bool(env.get("SHIM_GEMINI_KEYS")),
+        process,
+        anthropic_port,
+        gemini_port,
+        log_path,
+        bool(env.get("SHIM_GEMINI_KEYS")),
         metrics_port,
     )
     deadline = time.monotonic() + 20
@@ -148,6 +153,71 @@ def start_gateway(env_overrides: dict[str, str], log_path: Path) -> Gateway:
             finally:
                 conn.close()
     return gateway
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server (Debian's package) on a loopback port, nothing persisted."""
+
+    port: int
+    log_path: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                [
+                    binary,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--protected-mode",
+                    "yes",
+                ],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited:\n{self.log_path.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not answer PING")
+
+    def command(self, *words: str) -> bytes:
+        """Send one inline command and return the raw reply (for test setup only)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+            sock.sendall((" ".join(words) + "\r\n").encode())
+            return sock.recv(65536)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis") / "redis.log").start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from shim.access import AccessRecord
 from shim.auth import authenticated
 from shim.clients import ClientTable
 from shim.errors import GatewayError
+from shim.limits import Limiter
 from shim.throttle import AuthThrottle
 
 JSON = "application/json"
@@ -99,6 +100,7 @@ def make_blueprint(
     clients: ClientTable,
     forward: Callable[[Provider, dict], Response],
     throttle: AuthThrottle | None = None,
+    limiter: Limiter | None = None,
 ) -> Blueprint:
     """Build the provider's blueprint: its routes (authenticated) plus open health checks.
 
@@ -110,7 +112,11 @@ def make_blueprint(
 
     @authenticated(provider, clients, throttle)
     def proxy(**_route_args: str) -> Response:
-        return forward(provider, request.environ)
+        environ = request.environ
+        if limiter is not None:
+            record = environ["shim.record"]
+            limiter.admit(record, clients.limits(record.client))
+        return forward(provider, environ)
 
     for route in provider.routes:
         blueprint.add_url_rule(

@@ -1,0 +1,194 @@
+"""Per-client limits: what a client may use, and the check every forwarded call passes.
+
+A client's limits come from its line in the clients file
+(``alice <sha256> concurrency=4 rpm=60 tokens_per_day=2000000``); any of
+them may be left out, and a client with none costs nothing here. Over a
+limit the call is answered 429 in the provider's shape with ``Retry-After``
+before anything is sent upstream.
+
+- ``concurrency``: calls in flight at once (a stream holds its slot until it
+  ends). A slot held by an instance that died frees itself after ``LEASE_S``.
+- ``rpm``: calls per minute, as a GCRA (a token bucket of ``rpm`` calls that
+  refills one call every 60/rpm s): a burst of ``rpm`` is allowed, then an
+  even pace; ``Retry-After`` says when the next call fits.
+- ``tokens_per_day``: tokens the provider reported (input + output + cache
+  reads and writes, from the usage shim already reads off every answer) per
+  UTC day. Checked before a call and counted when it ends, so the call that
+  crosses the line completes; the next one is refused until UTC midnight.
+
+Where the counts live is ``shim.state`` (per worker, or Redis shared by
+every worker and instance). When the state store fails, limits fail *open*:
+the call is served, a warning is logged (at most every 10 s per worker) and
+``shim_state_errors_total`` counts it. Authentication never depends on it.
+
+Standard library only: the clients file (read by settings in gunicorn's
+master) parses limits with ``parse_limits``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+from shim.errors import RateLimited
+
+if TYPE_CHECKING:
+    from shim.access import AccessRecord
+    from shim.state import State
+
+log = logging.getLogger("shim.limits")
+
+# How long a concurrency slot lasts if its call never reports its end (the
+# instance died): long enough for any sane stream, short enough to recover.
+LEASE_S = 900.0
+# A failing state store is logged at most this often per worker.
+WARN_EVERY_S = 10.0
+_NAMES = ("concurrency", "rpm", "tokens_per_day")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A client's limits; 0 means no limit of that kind."""
+
+    concurrency: int = 0
+    rpm: int = 0
+    tokens_per_day: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.concurrency or self.rpm or self.tokens_per_day)
+
+    def __str__(self) -> str:
+        return " ".join(f"{name}={getattr(self, name)}" for name in _NAMES if getattr(self, name))
+
+
+NO_LIMITS = Limits()
+
+
+def parse_limits(words: list[str]) -> Limits:
+    """Parse ``name=value`` words (concurrency, rpm, tokens_per_day) or raise ValueError."""
+    values: dict[str, int] = {}
+    for word in words:
+        name, _, raw = word.partition("=")
+        if name not in _NAMES:
+            raise ValueError(f"unknown limit {name!r} (expected {', '.join(_NAMES)})")
+        if name in values:
+            raise ValueError(f"limit {name!r} given twice")
+        if not raw.isdigit() or not 0 < int(raw) <= 10**12:
+            raise ValueError(f"limit {name!r} needs a positive integer, got {raw!r}")
+        values[name] = int(raw)
+    return Limits(**values)
+
+
+class Admission(NamedTuple):
+    """A state store's answer: ``limit`` names the one exceeded ("" when admitted)."""
+
+    limit: str
+    retry_after: float = 0.0
+
+
+ADMITTED = Admission("")
+
+
+class LimitExceeded(RateLimited):
+    def __init__(self, limit: str, retry_after: float):
+        messages = {
+            "concurrency": "Too many concurrent requests for this client; retry shortly.",
+            "rpm": "Request rate limit for this client reached; retry later.",
+            "tokens_per_day": "Daily token limit for this client reached; retry after 00:00 UTC.",
+        }
+        super().__init__(
+            messages[limit], headers=(("Retry-After", str(max(1, math.ceil(retry_after)))),)
+        )
+        self.limit = limit
+
+
+class StateUnavailable(Exception):
+    """The state store could not answer (Redis down, timed out)."""
+
+
+def tokens_used(record: AccessRecord) -> int:
+    return (
+        (record.input_tokens or 0)
+        + (record.output_tokens or 0)
+        + (record.cache_read_tokens or 0)
+        + (record.cache_creation_tokens or 0)
+    )
+
+
+class Limiter:
+    """Admits a call against its client's limits, and settles it when the call ends."""
+
+    def __init__(
+        self,
+        state: State,
+        on_reject: Callable[[str, str], None] | None = None,
+        on_state_error: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.state = state
+        self._on_reject = on_reject
+        self._on_state_error = on_state_error
+        self._clock = clock
+        self._leases = 0
+        self._lease_prefix = f"{os.getpid()}.{os.urandom(4).hex()}."
+        self._warned = float("-inf")
+
+    def __repr__(self) -> str:
+        return f"Limiter(state={self.state!r})"
+
+    def admit(self, record: AccessRecord, limits: Limits) -> None:
+        """Raise LimitExceeded if ``record.client`` may not make this call now."""
+        if not limits:
+            return
+        client = record.client or ""
+        self._leases += 1
+        lease = f"{self._lease_prefix}{self._leases}"
+        try:
+            admission = self.state.admit(client, limits, lease, self._clock())
+        except StateUnavailable as exc:
+            self._state_failed("admit", exc)
+            return  # fail open: the call is served unlimited
+        if admission.limit:
+            if self._on_reject is not None:
+                self._on_reject(client, admission.limit)
+            log.info(
+                "client over its limit",
+                extra={
+                    "event": "limit_exceeded",
+                    "client": client,
+                    "limit": admission.limit,
+                    "retry_after_s": round(admission.retry_after, 2),
+                },
+            )
+            record.error = f"limit_{admission.limit}"
+            raise LimitExceeded(admission.limit, admission.retry_after)
+        record.limits = limits
+        record.lease = lease
+
+    def finish(self, record: AccessRecord) -> None:
+        """Release the call's slot and count its tokens (called once, as its record closes)."""
+        limits, lease = record.limits, record.lease
+        if limits is None or lease is None:
+            return
+        record.limits = record.lease = None
+        tokens = tokens_used(record) if limits.tokens_per_day else 0
+        try:
+            self.state.finish(record.client or "", limits, lease, tokens, self._clock())
+        except StateUnavailable as exc:
+            self._state_failed("finish", exc)
+
+    def _state_failed(self, operation: str, exc: StateUnavailable) -> None:
+        if self._on_state_error is not None:
+            self._on_state_error(operation)
+        now = time.monotonic()
+        if now - self._warned >= WARN_EVERY_S:
+            self._warned = now
+            log.warning(
+                "state store unavailable; limits are not enforced (failing open)",
+                extra={"event": "state_unavailable", "operation": operation, "error": str(exc)},
+            )

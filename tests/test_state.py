@@ -1,0 +1,261 @@
+"""The state stores and the limiter: one contract, run against memory and a real redis-server."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import pytest
+
+from shim.access import AccessRecord
+from shim.clients import ClientsFileError, parse_clients
+from shim.keys import KeyPool
+from shim.limits import (
+    LEASE_S,
+    LimitExceeded,
+    Limiter,
+    Limits,
+    StateUnavailable,
+    parse_limits,
+    tokens_used,
+)
+from shim.settings import ConfigError, Settings
+from shim.state import MemoryState, RedisState, open_state
+from tests.conftest import closed_port, settings_env
+
+# Mid-day UTC, so a test never straddles midnight by accident.
+NOON = 1_780_000_000 - 1_780_000_000 % 86_400 + 43_200
+DIGEST = "ab" * 32
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request):
+    if request.param == "memory":
+        return MemoryState()
+    return RedisState(request.getfixturevalue("redis_server").url)
+
+
+@pytest.fixture
+def client() -> str:
+    # Redis is shared by the session: every test limits a client of its own.
+    return f"c-{uuid.uuid4().hex[:12]}"
+
+
+def test_concurrency_counts_calls_in_flight_and_frees_a_slot_when_one_ends(store, client):
+    limits = Limits(concurrency=2)
+    assert store.admit(client, limits, "a", NOON).limit == ""
+    assert store.admit(client, limits, "b", NOON).limit == ""
+    refused = store.admit(client, limits, "c", NOON + 1)
+    assert refused.limit == "concurrency" and refused.retry_after == 1.0
+    store.finish(client, limits, "a", 0, NOON + 2)
+    assert store.admit(client, limits, "c", NOON + 2).limit == ""
+    assert store.admit(client, limits, "d", NOON + 2).limit == "concurrency"
+
+
+def test_a_slot_nobody_released_expires_after_the_lease(store, client):
+    limits = Limits(concurrency=1)
+    assert store.admit(client, limits, "crashed", NOON).limit == ""
+    assert store.admit(client, limits, "next", NOON + LEASE_S - 1).limit == "concurrency"
+    assert store.admit(client, limits, "next", NOON + LEASE_S + 1).limit == ""
+
+
+def test_rpm_allows_a_burst_of_rpm_then_one_call_per_interval(store, client):
+    limits = Limits(rpm=3)
+    for _ in range(3):
+        assert store.admit(client, limits, "x", NOON).limit == ""
+    refused = store.admit(client, limits, "x", NOON)
+    assert refused.limit == "rpm"
+    assert refused.retry_after == pytest.approx(20.0)
+    assert store.admit(client, limits, "x", NOON + 19.5).limit == "rpm"
+    assert store.admit(client, limits, "x", NOON + 20.01).limit == ""
+    assert store.admit(client, limits, "x", NOON + 20.02).limit == "rpm"
+    # After a quiet minute the whole burst is back, and no more.
+    later = NOON + 100
+    assert [store.admit(client, limits, "x", later).limit for _ in range(4)] == ["", "", "", "rpm"]
+
+
+def test_a_refused_call_does_not_use_up_rate_or_slots(store, client):
+    limits = Limits(concurrency=1, rpm=2)
+    assert store.admit(client, limits, "a", NOON).limit == ""
+    assert store.admit(client, limits, "b", NOON).limit == "concurrency"
+    store.finish(client, limits, "a", 0, NOON)
+    # The refused call took no rate: the second of two per minute is still there.
+    assert store.admit(client, limits, "c", NOON).limit == ""
+
+
+def test_tokens_per_day_refuse_after_the_day_is_used_up_until_utc_midnight(store, client):
+    limits = Limits(tokens_per_day=100)
+    assert store.admit(client, limits, "a", NOON).limit == ""
+    store.finish(client, limits, "a", 60, NOON)
+    assert store.admit(client, limits, "b", NOON + 1).limit == ""
+    store.finish(client, limits, "b", 60, NOON + 1)  # the call that crosses the line completes
+    refused = store.admit(client, limits, "c", NOON + 2)
+    assert refused.limit == "tokens_per_day"
+    assert refused.retry_after == pytest.approx(43_200 - 2)
+    assert store.admit(client, limits, "d", NOON + 43_200).limit == ""
+
+
+def test_clients_do_not_share_counts(store, client):
+    limits = Limits(rpm=1)
+    assert store.admit(client, limits, "a", NOON).limit == ""
+    assert store.admit(client + "-other", limits, "a", NOON).limit == ""
+    assert store.admit(client, limits, "b", NOON).limit == "rpm"
+
+
+def test_key_benches_keep_the_longer_one_and_expire(store):
+    ident = uuid.uuid4().hex[:8]
+    store.bench_key(ident, NOON + 30)
+    store.bench_key(ident, NOON + 10)
+    assert store.benched_keys(NOON)[ident] == pytest.approx(NOON + 30)
+    assert ident not in store.benched_keys(NOON + 31)
+
+
+def test_a_cool_down_on_one_pool_is_seen_by_another_pool_on_the_same_store(redis_server):
+    keys = ("key-one-0000000000", "key-two-0000000000")
+    now = [float(NOON)]
+    # Two instances: separate pools, separate Redis connections, one Redis.
+    first = KeyPool(keys, clock=lambda: now[0], shared=RedisState(redis_server.url))
+    second = KeyPool(keys, clock=lambda: now[0], shared=RedisState(redis_server.url))
+    assert second.next_key() == keys[0]
+    first.cool_down(first.id_of(keys[1]), 30)
+    now[0] += 1  # past the sync interval
+    assert [second.next_key() for _ in range(3)] == [keys[0]] * 3
+    assert second.states() == {"available": 1, "cooling": 1, "disabled": 0}
+    assert second.seconds_until_available() == 0.0
+    first.disable(first.id_of(keys[0]))
+    now[0] += 1
+    assert second.next_key() is None
+    assert second.seconds_until_available() == pytest.approx(28)
+    now[0] += 29
+    assert second.next_key() == keys[1]
+    redis_server.command("DEL", "shim:gemini:benched")
+
+
+def test_an_unreachable_redis_is_reported_quickly_and_not_retried_at_once():
+    store = RedisState(f"redis://:hunter2-password@127.0.0.1:{closed_port()}/0")
+    with pytest.raises(StateUnavailable) as caught:
+        store.admit("alice", Limits(rpm=1), "a", NOON)
+    assert "hunter2" not in str(caught.value) and "hunter2" not in repr(store)
+    started = time.perf_counter()
+    with pytest.raises(StateUnavailable):
+        store.benched_keys(NOON)
+    assert time.perf_counter() - started < 0.05  # skipped, not another connect
+
+
+def record_for(client: str) -> AccessRecord:
+    record = AccessRecord("r1", "anthropic", "POST")
+    record.client = client
+    return record
+
+
+def test_limiter_refuses_with_retry_after_and_counts_the_rejection(client):
+    rejected = []
+    limiter = Limiter(MemoryState(), on_reject=lambda *a: rejected.append(a), clock=lambda: NOON)
+    limits = Limits(rpm=1)
+    limiter.admit(record_for(client), limits)
+    record = record_for(client)
+    with pytest.raises(LimitExceeded) as caught:
+        limiter.admit(record, limits)
+    assert caught.value.status == 429
+    assert caught.value.headers == (("Retry-After", "60"),)
+    assert record.error == "limit_rpm"
+    assert rejected == [(client, "rpm")]
+
+
+def test_limiter_settles_slots_and_tokens_when_the_record_closes(client):
+    limiter = Limiter(MemoryState(), clock=lambda: NOON)
+    limits = Limits(concurrency=1, tokens_per_day=20)
+    record = record_for(client)
+    limiter.admit(record, limits)
+    with pytest.raises(LimitExceeded):
+        limiter.admit(record_for(client), limits)
+    record.input_tokens, record.output_tokens, record.cache_read_tokens = 12, 6, 3
+    assert tokens_used(record) == 21
+    limiter.finish(record)
+    limiter.finish(record)  # settled once, however often it is called
+    with pytest.raises(LimitExceeded) as caught:
+        limiter.admit(record_for(client), limits)
+    assert caught.value.limit == "tokens_per_day"
+
+
+def test_limiter_without_limits_never_touches_the_store():
+    class Exploding:
+        def admit(self, *args):
+            raise AssertionError("store used")
+
+    Limiter(Exploding()).admit(record_for("dave"), Limits())
+
+
+def test_limiter_fails_open_with_one_warning_and_a_count(caplog):
+    failures = []
+    limiter = Limiter(
+        RedisState(f"redis://127.0.0.1:{closed_port()}/0"), on_state_error=failures.append
+    )
+    with caplog.at_level(logging.WARNING, logger="shim.limits"):
+        for _ in range(3):
+            record = record_for("alice")
+            limiter.admit(record, Limits(rpm=1))  # no exception: served
+            assert record.lease is None
+    assert failures == ["admit"] * 3
+    warnings = [r for r in caplog.records if getattr(r, "event", "") == "state_unavailable"]
+    assert len(warnings) == 1
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        ([], Limits()),
+        (["rpm=60"], Limits(rpm=60)),
+        (["concurrency=4", "tokens_per_day=2000000"], Limits(4, 0, 2_000_000)),
+    ],
+)
+def test_limits_parse(words, expected):
+    assert parse_limits(words) == expected
+
+
+@pytest.mark.parametrize(
+    "words", [["rpm=0"], ["rpm=-1"], ["rpm=x"], ["rpm"], ["speed=3"], ["rpm=1", "rpm=2"]]
+)
+def test_bad_limits_are_refused(words):
+    with pytest.raises(ValueError):
+        parse_limits(words)
+
+
+def test_limits_in_the_clients_file_and_errors_that_name_the_line():
+    clients = parse_clients(f"alice {DIGEST} rpm=5 concurrency=2\nbob {DIGEST}\n")
+    assert [(c.name, c.limits) for c in clients] == [
+        ("alice", Limits(concurrency=2, rpm=5)),
+        ("bob", Limits()),
+    ]
+    with pytest.raises(ClientsFileError, match="line 2: unknown limit 'speed'"):
+        parse_clients(f"alice {DIGEST}\nbob {DIGEST} speed=3\n")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "memory://",
+        "redis://127.0.0.1:6379/0",
+        "rediss://:pw@redis.internal:6380",
+        "unix:///run/redis.sock",
+    ],
+)
+def test_state_url_accepted(url):
+    assert Settings.from_env(settings_env(SHIM_STATE_URL=url)).state_url == url
+
+
+@pytest.mark.parametrize(
+    "url", ["postgres://x", "redis://", "redis://:s3cret-pw@host:99999", "redis://h/abc", "memory"]
+)
+def test_state_url_refused_without_echoing_it(url):
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(settings_env(SHIM_STATE_URL=url))
+    assert "SHIM_STATE_URL" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+    assert "s3cret" not in repr(Settings.from_env(settings_env(SHIM_STATE_URL="redis://:s3cret@h")))
+
+
+def test_open_state_picks_the_store():
+    assert isinstance(open_state("memory://"), MemoryState)
+    assert isinstance(open_state("redis://127.0.0.1:1/0"), RedisState)
