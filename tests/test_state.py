@@ -13,8 +13,8 @@ from shim.clients import ClientsFileError, parse_clients
 from shim.keys import KeyPool
 from shim.limits import (
     LEASE_S,
-    LimitExceeded,
     Limiter,
+    LimitExceeded,
     Limits,
     StateUnavailable,
     parse_limits,
