@@ -128,7 +128,7 @@ def start_naive(upstream: int) -> Target:
     return Target("naive", port, port, process)
 
 
-def start_shim(upstream: int) -> Target:
+def start_shim(upstream: int, **extra_env: str) -> Target:
     port, gemini = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SHIM_", "PROMETHEUS_"))}
     env.update(
@@ -145,6 +145,7 @@ def start_shim(upstream: int) -> Target:
         SHIM_WORKER_CONNECTIONS="4096",
         SHIM_GEMINI_KEYS_FILE="",
     )
+    env.update(extra_env)
     log = open(os.devnull, "wb")  # noqa: SIM115 - access lines are written, as deployed
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],

@@ -3,7 +3,10 @@
 ``/health`` stays trivial for the load balancer; this one says why a provider
 cannot serve (no available Gemini key, subscription quota rejected) and what
 upstream said last. State is per worker process, fed by the access records.
-No secrets, keys or key ids in it.
+No secrets, keys or key ids in it. The state store (Redis) is reported but
+never makes the gateway unready: limits fail open without it, and taking
+every box out of the load balancer because Redis is down would turn a
+degraded gateway into a dead one.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from flask import Response
 from shim.access import AccessRecord
 from shim.providers.anthropic import Anthropic
 from shim.providers.gemini import Gemini
+from shim.state import State
 
 
 class Readiness:
-    def __init__(self, anthropic: Anthropic, gemini: Gemini):
+    def __init__(self, anthropic: Anthropic, gemini: Gemini, state: State | None = None):
+        self.state = state
         self.anthropic = anthropic
         self.gemini = gemini
         self.last_status: dict[str, int | None] = {"anthropic": None, "gemini": None}
@@ -53,7 +58,10 @@ class Readiness:
         }
         # A provider left unconfigured on purpose does not make the gateway unready.
         ready = all(p["ready"] for p in providers.values() if p["configured"])
-        return {"status": "ready" if ready else "unavailable", "providers": providers}, ready
+        report = {"status": "ready" if ready else "unavailable", "providers": providers}
+        if self.state is not None and self.state.shared:
+            report["state"] = {"store": "redis", "reachable": self.state.reachable()}
+        return report, ready
 
     def response(self) -> Response:
         body, ready = self.report()

@@ -37,6 +37,8 @@ REDIS_TIMEOUT_S = 0.25
 
 
 class State(Protocol):
+    shared: bool  # True when every instance sees the same store
+
     def admit(self, client: str, limits: Limits, lease: str, now: float) -> Admission: ...
 
     def finish(self, client: str, limits: Limits, lease: str, tokens: int, now: float) -> None: ...
@@ -44,6 +46,8 @@ class State(Protocol):
     def bench_key(self, ident: str, until: float) -> None: ...
 
     def benched_keys(self, now: float) -> dict[str, float]: ...
+
+    def reachable(self) -> bool: ...
 
 
 def _until_next_day(now: float) -> float:
@@ -102,6 +106,9 @@ class MemoryState:
 
     def benched_keys(self, now: float) -> dict[str, float]:
         return {ident: until for ident, until in self._benched.items() if until > now}
+
+    def reachable(self) -> bool:
+        return True
 
 
 # KEYS: slots zset, GCRA key, tokens key. ARGV: now, concurrency, lease, lease_s,
@@ -221,6 +228,13 @@ class RedisState:
             if value > now:
                 benched[ident.decode()] = value
         return benched
+
+
+    def reachable(self) -> bool:
+        try:
+            return bool(self._call(self._client.ping))
+        except StateUnavailable:
+            return False
 
 
 def _describe(url: str) -> str:

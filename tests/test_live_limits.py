@@ -111,6 +111,16 @@ def assert_anthropic_429(status, headers, body, retry_after: int | None = None):
     assert int(headers["Retry-After"]) >= 1
 
 
+def readiness(port: int) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/health/ready")
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
 def upstream_calls(fake_upstream, test_id: str) -> int:
     return len(fake_upstream.matching(test_id))
 
@@ -323,6 +333,8 @@ def test_traffic_flows_when_redis_dies_and_limits_return_with_it(fake_upstream, 
             for name in ("gina", "dave")
         ]
         time.sleep(0.5)
+        status, report = readiness(gw.anthropic_port)
+        assert status == 200 and report["state"] == {"store": "redis", "reachable": True}
         redis.kill()
         started = time.monotonic()
         # gina's rpm=2 is not enforced while Redis is gone: every call is served.
@@ -336,6 +348,9 @@ def test_traffic_flows_when_redis_dies_and_limits_return_with_it(fake_upstream, 
             assert status == 200 and body.count(b"event: content_block_delta") == 12
             assert b"event: message_stop" in body
         assert "state_unavailable" in gw.log_text()
+        # Reported, but a Redis outage never takes the gateway out of the load balancer.
+        status, report = readiness(gw.anthropic_port)
+        assert status == 200 and report["state"] == {"store": "redis", "reachable": False}
         assert "shim_state_errors_total" in scrape(gw.metrics_port)
 
         redis.start()  # same port, empty
