@@ -23,6 +23,7 @@ from shim.clients import ClientTable
 from shim.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from shim.forward import Forwarder
 from shim.keys import KeyPool
+from shim.oauth import TokenRefresher
 from shim.providers.anthropic import Anthropic
 from shim.providers.base import Provider, make_blueprint
 from shim.providers.gemini import Gemini
@@ -99,8 +100,21 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
     app.url_map.merge_slashes = False
     app.json.sort_keys = False
 
+    refresher = None
+    if settings.anthropic_credentials_file:
+        refresher = TokenRefresher(
+            settings.anthropic_credentials_file,
+            settings.anthropic_token_url,
+            margin_s=settings.anthropic_refresh_margin_s,
+            timeout_s=(settings.connect_timeout_s, 30.0),
+            on_token=logs.add_secret,
+            on_result=metrics.oauth_refresh,
+        )
     anthropic = Anthropic(
-        settings.anthropic_upstream, settings.anthropic_api_key, settings.anthropic_token
+        settings.anthropic_upstream,
+        settings.anthropic_api_key,
+        settings.anthropic_token,
+        refresher,
     )
     gemini = Gemini(settings.gemini_upstream, KeyPool(settings.gemini_keys))
     app.providers_by_port = {

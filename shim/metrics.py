@@ -70,6 +70,12 @@ GEMINI_KEYS = Gauge(
     ["state"],
     multiprocess_mode="liveall",
 )
+OAUTH_REFRESHES = Counter(
+    "shim_oauth_refresh_total",
+    "OAuth token refreshes: refreshed (called the endpoint), failed, adopted (another "
+    "worker's refresh picked up from the credentials file)",
+    ["result"],
+)
 QUOTA_STATUS = Gauge(
     "shim_subscription_quota_status",
     "Last anthropic-ratelimit-unified-status seen (1 for the current one)",
@@ -163,6 +169,10 @@ def stream_started(provider: str) -> None:
 
 def stream_ended(provider: str) -> None:
     _child(STREAMS_IN_FLIGHT, provider).dec()
+
+
+def oauth_refresh(result: str) -> None:
+    _child(OAUTH_REFRESHES, result).inc()
 
 
 def gemini_key_states(states: dict[str, int]) -> None:
