@@ -25,6 +25,7 @@ from shim.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, Pa
 from shim.forward import Forwarder
 from shim.keys import KeyPool
 from shim.limits import Limiter
+from shim.oauth import TokenRefresher
 from shim.providers.anthropic import Anthropic
 from shim.providers.base import Provider, make_blueprint
 from shim.providers.gemini import Gemini
@@ -103,8 +104,21 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
     app.url_map.merge_slashes = False
     app.json.sort_keys = False
 
+    refresher = None
+    if settings.anthropic_credentials_file:
+        refresher = TokenRefresher(
+            settings.anthropic_credentials_file,
+            settings.anthropic_token_url,
+            margin_s=settings.anthropic_refresh_margin_s,
+            timeout_s=(settings.connect_timeout_s, 30.0),
+            on_token=logs.add_secret,
+            on_result=metrics.oauth_refresh,
+        )
     anthropic = Anthropic(
-        settings.anthropic_upstream, settings.anthropic_api_key, settings.anthropic_token
+        settings.anthropic_upstream,
+        settings.anthropic_api_key,
+        settings.anthropic_token,
+        refresher,
     )
     state = open_state(settings.state_url)
     shared = state if state.shared else None

@@ -89,6 +89,11 @@ class SecretFilter(logging.Filter):
         super().__init__()
         self.secrets = tuple(s for s in secrets if s and len(s) >= 8)
 
+    def add(self, secret: str) -> None:
+        """Redact ``secret`` too from now on (a token obtained at run time)."""
+        if secret and len(secret) >= 8 and secret not in self.secrets:
+            self.secrets = (*self.secrets, secret)
+
     def _clean(self, text: str) -> str:
         for secret in self.secrets:
             if secret in text:
@@ -129,6 +134,15 @@ def configure(secrets: Iterable[str], fmt: str = "json", level: int = logging.IN
     handler._shim = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+
+
+def add_secret(secret: str) -> None:
+    """Redact ``secret`` in every shim-configured handler of this process, gunicorn's too."""
+    for logger in (logging.getLogger(), logging.getLogger("gunicorn.error")):
+        for handler in logger.handlers:
+            for candidate in handler.filters:
+                if isinstance(candidate, SecretFilter):
+                    candidate.add(secret)
 
 
 def gunicorn_logconfig(fmt: str, secrets: Iterable[str]) -> dict:

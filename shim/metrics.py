@@ -78,6 +78,12 @@ GEMINI_KEYS = Gauge(
     ["state"],
     multiprocess_mode="liveall",
 )
+OAUTH_REFRESHES = Counter(
+    "shim_oauth_refresh_total",
+    "OAuth token refreshes: refreshed (called the endpoint), failed, adopted (another "
+    "worker's refresh picked up from the credentials file)",
+    ["result"],
+)
 QUOTA_STATUS = Gauge(
     "shim_subscription_quota_status",
     "Last anthropic-ratelimit-unified-status seen (1 for the current one)",
@@ -179,6 +185,10 @@ def limit_rejected(client: str, limit: str) -> None:
 
 def state_failed(operation: str) -> None:
     _child(STATE_ERRORS, operation).inc()
+
+
+def oauth_refresh(result: str) -> None:
+    _child(OAUTH_REFRESHES, result).inc()
 
 
 def gemini_key_states(states: dict[str, int]) -> None:

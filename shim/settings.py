@@ -5,7 +5,7 @@ which takes any mapping so tests pass plain dicts). Every problem found is
 collected into a single ``ConfigError`` that names each variable and the
 expected form, and never echoes a secret.
 
-It imports nothing but the standard library and ``shim.keys`` on purpose:
+It imports nothing but the standard library and shim's parsers on purpose:
 gunicorn.conf.py loads it in the master process to bind the ports, and the
 master must not import requests/ssl before gevent patches the workers
 (gunicorn #2796, #1566).
@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from shim.clients import ClientsFileError, parse_clients
+from shim.credentials import DEFAULT_TOKEN_URL, CredentialsFileError, read_credentials
 from shim.keys import KeyFileError, header_safe, load_keys
 
 DEFAULT_ANTHROPIC_UPSTREAM = "https://api.anthropic.com"
@@ -44,6 +45,9 @@ class Settings:
     clients_file: str | None = None
     anthropic_token: str | None = field(default=None, repr=False)
     anthropic_api_key: str | None = field(default=None, repr=False)
+    anthropic_credentials_file: str | None = None
+    anthropic_token_url: str = DEFAULT_TOKEN_URL
+    anthropic_refresh_margin_s: float = 300.0
     anthropic_upstream: str = DEFAULT_ANTHROPIC_UPSTREAM
     gemini_upstream: str = DEFAULT_GEMINI_UPSTREAM
     gemini_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -73,7 +77,9 @@ class Settings:
 
     @property
     def anthropic_configured(self) -> bool:
-        return bool(self.anthropic_token or self.anthropic_api_key)
+        return bool(
+            self.anthropic_token or self.anthropic_api_key or self.anthropic_credentials_file
+        )
 
     @property
     def gemini_configured(self) -> bool:
@@ -90,6 +96,13 @@ class Settings:
             "clients_file": env.read("SHIM_CLIENTS_FILE", _clients_file, None),
             "anthropic_token": env.read("SHIM_ANTHROPIC_TOKEN", _credential, None),
             "anthropic_api_key": env.read("SHIM_ANTHROPIC_API_KEY", _credential, None),
+            "anthropic_credentials_file": _credentials_file(env),
+            "anthropic_token_url": env.read(
+                "SHIM_ANTHROPIC_TOKEN_URL", _token_url, DEFAULT_TOKEN_URL
+            ),
+            "anthropic_refresh_margin_s": env.read(
+                "SHIM_ANTHROPIC_REFRESH_MARGIN_S", _margin, 300.0
+            ),
             "anthropic_upstream": env.read(
                 "SHIM_ANTHROPIC_UPSTREAM", _base_url, DEFAULT_ANTHROPIC_UPSTREAM
             ),
@@ -120,10 +133,18 @@ class Settings:
         values["gemini_keys"], values["gemini_keys_source"] = keys, source
         values["warnings"] = tuple(env.warnings)
 
-        if values["anthropic_token"] and values["anthropic_api_key"]:
+        credentials = [
+            name
+            for name, key in (
+                ("SHIM_ANTHROPIC_TOKEN", "anthropic_token"),
+                ("SHIM_ANTHROPIC_API_KEY", "anthropic_api_key"),
+                ("SHIM_ANTHROPIC_CREDENTIALS_FILE", "anthropic_credentials_file"),
+            )
+            if values[key] or name in env.failed
+        ]
+        if len(credentials) > 1:
             env.problems.append(
-                "SHIM_ANTHROPIC_TOKEN, SHIM_ANTHROPIC_API_KEY: "
-                "set one upstream credential, not both"
+                ", ".join(credentials) + ": set one upstream credential, not several"
             )
         ports = [values["anthropic_port"], values["gemini_port"], values["metrics_port"]]
         ports = [port for port in ports if port]
@@ -136,9 +157,11 @@ class Settings:
             "SHIM_SHARED_SECRET" not in env.failed
             and not env.problems
             and not (values["anthropic_token"] or values["anthropic_api_key"] or keys)
+            and not values["anthropic_credentials_file"]
         ):
             env.problems.append(
-                "no provider configured: set SHIM_ANTHROPIC_TOKEN or SHIM_ANTHROPIC_API_KEY, "
+                "no provider configured: set SHIM_ANTHROPIC_TOKEN, SHIM_ANTHROPIC_API_KEY "
+                "or SHIM_ANTHROPIC_CREDENTIALS_FILE, "
                 "and/or SHIM_GEMINI_KEYS or a SHIM_GEMINI_KEYS_FILE with at least one key"
             )
         if env.problems:
@@ -217,6 +240,56 @@ def _state_url(raw: str) -> str:
     raise ValueError(
         "expected memory:// or redis://[:password@]host[:port][/db], rediss://… or unix:///path"
     )
+
+
+def _credentials_file(env: _Env) -> str | None:
+    """The OAuth credentials file: it must parse, and shim must be able to rewrite it."""
+    name = "SHIM_ANTHROPIC_CREDENTIALS_FILE"
+    path = env.raw(name)
+    if path is None:
+        return None
+    try:
+        read_credentials(path)
+    except CredentialsFileError as exc:
+        env.problems.append(f"{name}: {exc}")
+        env.failed.add(name)
+        return None
+    # A refresh writes a temporary file next to it and renames it over, plus a .lock file.
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.access(directory, os.W_OK | os.X_OK):
+        env.problems.append(
+            f"{name}: directory {directory!r} is not writable by this user; "
+            "a refresh must rewrite the file"
+        )
+        env.failed.add(name)
+        return None
+    if os.stat(path).st_mode & 0o004:
+        env.warnings.append(f"{name}: {path} is readable by every user; chmod 600 it")
+    return path
+
+
+def _token_url(raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s) URL such as {DEFAULT_TOKEN_URL}, got {raw!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("expected a URL without credentials, query or fragment")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(f"expected a valid port in the URL, got {raw!r}") from None
+    return raw.strip()
+
+
+def _margin(raw: str) -> float:
+    # Above an hour a short-lived token would be due again right after its refresh.
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError(f"expected a number of seconds 1-3600, got {raw!r}") from None
+    if not 1 <= value <= 3600:
+        raise ValueError(f"expected a number of seconds 1-3600, got {raw!r}")
+    return value
 
 
 def _secret(raw: str) -> str:

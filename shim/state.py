@@ -229,7 +229,6 @@ class RedisState:
                 benched[ident.decode()] = value
         return benched
 
-
     def reachable(self) -> bool:
         try:
             return bool(self._call(self._client.ping))

@@ -24,6 +24,13 @@ them untouched):
   MiB, as fast as the reader takes it). While it stalls, the fake watches its
   connection and records in ``stream_ends`` when shim closes it.
 
+It is also an OAuth token endpoint (``POST /v1/oauth/token``, Claude Code's
+refresh request): ``issue_tokens`` mints a pair, refresh tokens are single-use
+(a reused one gets 400 ``invalid_grant``, as two racing refreshes would), the
+Anthropic routes accept an issued access token until it expires or is
+``revoke``d, and ``token_calls`` records every refresh. ``token_delay_s`` and
+``token_error`` (a status to answer with) are set by the test.
+
 Run standalone for manual tries: ``python -m tests.fake_upstream --port 9999``.
 """
 
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import secrets
 import select
 import socket
 import threading
@@ -45,6 +53,7 @@ FAKE_OAUTH_TOKEN = "sk-ant-oat01-fake-upstream-token-0000000000"
 FAKE_GEMINI_KEYS = ("AIzaFakeGeminiKeyNumberOne000000000000", "AIzaFakeGeminiKeyNumberTwo000000000000",
                     "AIzaFakeGeminiKeyNumberThree0000000000")
 OAUTH_BETA = "oauth-2025-04-20"
+OAUTH_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
 
 ANTHROPIC_MODELS = ("claude-sonnet-4-5-20250929", "claude-opus-4-1-20250805", "claude-haiku-4-5-20251001")
 GEMINI_MODELS = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-3-pro-preview", "gemini-embedding-001")
@@ -80,6 +89,36 @@ class FakeUpstream:
         self.stream_ends: dict[str, tuple[str, float]] = {}
         # Bytes of a bulk stream written so far, by x-test-id (backpressure shows here).
         self.bulk_sent: dict[str, int] = {}
+        # The OAuth token endpoint: access token -> expiry (epoch s), unused refresh tokens.
+        self.oauth_access: dict[str, float] = {}
+        self.oauth_refresh: set[str] = set()
+        self.oauth_minted: list[str] = []
+        self.token_calls: list[Recorded] = []
+        self.token_lifetime_s = 28_800
+        self.token_delay_s = 0.0
+        self.token_error: int | None = None
+        self.oauth_rejected = 0  # calls refused because their issued token expired or was revoked
+
+    def issue_tokens(self, lifetime_s: float) -> tuple[str, str, float]:
+        """Mint an (access, refresh, expires_at) triple the fake will accept."""
+        with self.lock:
+            serial = len(self.oauth_access)
+            access = f"sk-ant-oat01-fake-issued-{serial:04d}-{secrets.token_hex(8)}"
+            refresh = f"sk-ant-ort01-fake-issued-{serial:04d}-{secrets.token_hex(8)}"
+            expires_at = time.time() + lifetime_s
+            self.oauth_access[access] = expires_at
+            self.oauth_refresh.add(refresh)
+            self.oauth_minted += [access, refresh]
+        return access, refresh, expires_at
+
+    def revoke(self, access: str) -> None:
+        with self.lock:
+            self.oauth_access[access] = 0.0
+
+    def issued_tokens(self) -> list[str]:
+        """Every token minted so far (none may show up in shim's log)."""
+        with self.lock:
+            return list(self.oauth_minted)
 
     def start(self) -> FakeUpstream:
         self.thread.start()
@@ -141,6 +180,8 @@ class _Handler(BaseHTTPRequestHandler):
         gemini = ("x-goog-api-key" in rec.headers or "key" in self.query
                   or parts.path.startswith("/v1beta/") or ":" in parts.path)
         try:
+            if parts.path == "/v1/oauth/token" and self.command == "POST":
+                return self._oauth_token()
             if self.scenario.startswith("stall:"):
                 if self._quiet(float(self.scenario.split(":", 1)[1])):
                     return
@@ -266,13 +307,47 @@ class _Handler(BaseHTTPRequestHandler):
                  ("anthropic-ratelimit-requests-remaining", "0")]
         self._send(status, json.dumps(body).encode(), extra=extra)
 
+    # -- OAuth token endpoint ------------------------------------------------
+    def _oauth_token(self) -> None:
+        fake = self.fake
+        with fake.lock:
+            fake.token_calls.append(self.rec)
+        if fake.token_delay_s:
+            time.sleep(fake.token_delay_s)
+        if fake.token_error:
+            return self._send(fake.token_error, json.dumps({"error": "server_error"}).encode())
+        try:
+            request = json.loads(self.rec.body)
+        except ValueError:
+            request = None
+        if (not isinstance(request, dict) or request.get("grant_type") != "refresh_token"
+                or request.get("client_id") != OAUTH_CLIENT_ID):
+            return self._send(400, json.dumps({"error": "invalid_request"}).encode())
+        with fake.lock:
+            known = request.get("refresh_token") in fake.oauth_refresh
+            fake.oauth_refresh.discard(request.get("refresh_token"))
+        if not known:  # unknown, or used before: single-use, as upstream
+            body = {"error": "invalid_grant", "error_description": "Refresh token not found or invalid"}
+            return self._send(400, json.dumps(body).encode())
+        access, refresh, _ = fake.issue_tokens(fake.token_lifetime_s)
+        body = {"token_type": "Bearer", "access_token": access, "refresh_token": refresh,
+                "expires_in": fake.token_lifetime_s, "scope": "user:inference user:profile"}
+        self._send(200, json.dumps(body).encode())
+
     # -- Anthropic ---------------------------------------------------------
     def _anthropic_authorized(self) -> bool:
         h = self.rec.headers
         if "authorization" in h:
             betas = [b.strip() for b in h.get("anthropic-beta", "").split(",")]
-            return (h["authorization"] == f"Bearer {FAKE_OAUTH_TOKEN}" and OAUTH_BETA in betas
-                    and "x-api-key" not in h)
+            token = h["authorization"].removeprefix("Bearer ")
+            if token != FAKE_OAUTH_TOKEN:
+                with self.fake.lock:
+                    expires_at = self.fake.oauth_access.get(token)
+                    if expires_at is None or expires_at <= time.time():
+                        if expires_at is not None:
+                            self.fake.oauth_rejected += 1
+                        return False
+            return OAUTH_BETA in betas and "x-api-key" not in h
         return h.get("x-api-key") == FAKE_API_KEY
 
     def _anthropic(self, path: str) -> None:

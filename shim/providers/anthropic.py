@@ -4,14 +4,21 @@ Clients present the shared secret the way the SDKs and Claude Code send an
 API key: ``x-api-key`` (ANTHROPIC_API_KEY) or ``Authorization: Bearer``
 (ANTHROPIC_AUTH_TOKEN). Upstream gets either the configured API key as
 ``x-api-key``, or the subscription OAuth token as a Bearer with the
-``oauth-2025-04-20`` beta merged into ``anthropic-beta``.
+``oauth-2025-04-20`` beta merged into ``anthropic-beta``. With a credentials
+file the token comes from a ``TokenRefresher`` (``shim.oauth``), and a 401 is
+shown to it: it refreshes once and the core retries the call.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from shim.access import AccessRecord
 from shim.errors import GatewayError, ProviderNotConfigured, anthropic_error_body
 from shim.providers.base import Provider, Route
+
+if TYPE_CHECKING:
+    from shim.oauth import TokenRefresher
 
 OAUTH_BETA = "oauth-2025-04-20"
 _USAGE_FIELDS = (
@@ -46,21 +53,33 @@ class Anthropic(Provider):
     # A real newline ends the SSE field line; inside JSON text it would be escaped.
     usage_markers = (b"event: message_start\n", b"event: message_delta\n")
 
-    def __init__(self, upstream: str, api_key: str | None, oauth_token: str | None):
+    def __init__(
+        self,
+        upstream: str,
+        api_key: str | None,
+        oauth_token: str | None,
+        refresher: TokenRefresher | None = None,
+    ):
         super().__init__(upstream)
         self._api_key = api_key
         self._oauth_token = oauth_token
         self._bearer = f"Bearer {oauth_token}" if oauth_token else None
+        self._refresher = refresher
+        if refresher is not None:
+            # An expired or revoked token: refresh once, retry before any byte went out.
+            self.retry_statuses = frozenset({401})
 
     def __repr__(self) -> str:
         return f"Anthropic(upstream={self.upstream!r}, credential={self.credential_kind})"
 
     @property
     def configured(self) -> bool:
-        return bool(self._api_key or self._oauth_token)
+        return bool(self._api_key or self._oauth_token or self._refresher)
 
     @property
     def credential_kind(self) -> str:
+        if self._refresher is not None:
+            return "oauth_file"
         return "oauth" if self._oauth_token else "api_key" if self._api_key else "none"
 
     def presented_secrets(self, environ: dict) -> list[bytes]:
@@ -74,6 +93,11 @@ class Anthropic(Provider):
         return presented
 
     def add_credential(self, headers: dict[str, str]) -> str | None:
+        if self._refresher is not None:
+            token, ident = self._refresher.credential()
+            headers["authorization"] = "Bearer " + token
+            headers["anthropic-beta"] = merge_beta(headers.get("anthropic-beta"), OAUTH_BETA)
+            return ident
         if self._bearer is not None:
             headers["authorization"] = self._bearer
             headers["anthropic-beta"] = merge_beta(headers.get("anthropic-beta"), OAUTH_BETA)
@@ -85,6 +109,13 @@ class Anthropic(Provider):
             "The gateway has no Anthropic credential configured "
             "(SHIM_ANTHROPIC_TOKEN or SHIM_ANTHROPIC_API_KEY)."
         )
+
+    def after_failure(
+        self, credential: str | None, status: int, headers: dict, body: bytes
+    ) -> bool:
+        if status == 401 and self._refresher is not None:
+            return self._refresher.after_unauthorized(credential)
+        return False
 
     def read_headers(self, headers: object, record: AccessRecord) -> None:
         get = headers.get  # type: ignore[attr-defined]

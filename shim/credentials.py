@@ -1,0 +1,145 @@
+"""The OAuth credentials file: parse it, and write a refreshed pair back atomically.
+
+``SHIM_ANTHROPIC_CREDENTIALS_FILE`` is Claude Code's own ``~/.claude/.credentials.json``::
+
+    {"claudeAiOauth": {"accessToken": "sk-ant-oat01-…", "refreshToken": "sk-ant-ort01-…",
+                       "expiresAt": 1747909518727, "scopes": [...], "subscriptionType": "max"}}
+
+or a flat object with the same three keys. ``expiresAt`` is epoch *milliseconds*.
+Every other field (Claude Code's scopes, subscription type, whatever it adds
+later) survives a rewrite untouched.
+
+Errors (``CredentialsFileError``) never contain a token: they name the file
+and the field. Refreshing (HTTP, locking) lives in ``shim.oauth``; this module
+is standard library only because settings.py (loaded by gunicorn's master)
+validates the file at start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from shim.keys import header_safe
+
+# Where Claude Code refreshes since v2.1.81; before that console.anthropic.com/v1/oauth/token.
+DEFAULT_TOKEN_URL = "https://platform.claude.com/v1/oauth/token"
+# Claude Code's public OAuth client id: tokens from its login are bound to it.
+CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
+NESTED_KEY = "claudeAiOauth"
+# Before this many epoch milliseconds (March 1973) a value is surely seconds, not milliseconds.
+_MIN_EXPIRES_AT_MS = 100_000_000_000
+
+
+class CredentialsFileError(ValueError):
+    """A credentials file that cannot be used; the message never contains a token."""
+
+
+@dataclass(frozen=True)
+class OAuthCredentials:
+    """One access/refresh pair and when the access token expires (epoch seconds)."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class CredentialsDocument:
+    """The parsed file: the pair, plus the whole JSON object to write back around it."""
+
+    credentials: OAuthCredentials
+    document: dict = field(repr=False)
+    nested: bool
+
+
+def parse_credentials(text: str) -> CredentialsDocument:
+    """Parse the file's text (either layout) or raise CredentialsFileError."""
+    try:
+        document = json.loads(text)
+    except ValueError:
+        raise CredentialsFileError("expected a JSON object (it is not valid JSON)") from None
+    if not isinstance(document, dict):
+        raise CredentialsFileError("expected a JSON object")
+    nested = NESTED_KEY in document
+    section = document[NESTED_KEY] if nested else document
+    where = f"{NESTED_KEY}." if nested else ""
+    if not isinstance(section, dict):
+        raise CredentialsFileError(f"expected {NESTED_KEY} to be an object")
+    tokens = []
+    for name in ("accessToken", "refreshToken"):
+        value = section.get(name)
+        if not isinstance(value, str) or not value:
+            raise CredentialsFileError(f"{where}{name}: expected a non-empty string")
+        if not header_safe(value):
+            raise CredentialsFileError(f"{where}{name}: expected printable ASCII without spaces")
+        tokens.append(value)
+    expires_at = section.get("expiresAt")
+    if isinstance(expires_at, bool) or not isinstance(expires_at, (int, float)):
+        raise CredentialsFileError(f"{where}expiresAt: expected epoch milliseconds (a number)")
+    if expires_at < _MIN_EXPIRES_AT_MS:
+        raise CredentialsFileError(
+            f"{where}expiresAt: expected epoch milliseconds, got {expires_at!r} (seconds?)"
+        )
+    return CredentialsDocument(
+        OAuthCredentials(tokens[0], tokens[1], expires_at / 1000), document, nested
+    )
+
+
+def read_credentials(path: str) -> CredentialsDocument:
+    """Read and parse the file at ``path``; the error names the file, never a token."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise CredentialsFileError(f"file {path!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CredentialsFileError(f"file {path!r} cannot be read ({type(exc).__name__})") from None
+    try:
+        return parse_credentials(text)
+    except CredentialsFileError as exc:
+        raise CredentialsFileError(f"file {path!r}: {exc}") from None
+
+
+def with_credentials(parsed: CredentialsDocument, new: OAuthCredentials) -> dict:
+    """Return the document with ``new`` in place of the old pair, every other field kept."""
+    document = dict(parsed.document)
+    section = dict(document[NESTED_KEY]) if parsed.nested else document
+    section["accessToken"] = new.access_token
+    section["refreshToken"] = new.refresh_token
+    section["expiresAt"] = int(new.expires_at * 1000)
+    if parsed.nested:
+        document[NESTED_KEY] = section
+    return document
+
+
+def write_credentials(path: str, document: dict) -> None:
+    """Replace the file at ``path`` with ``document`` atomically, mode 0600.
+
+    A temporary file in the same directory, fsynced, then ``os.replace``: a
+    reader (another worker) sees the old file or the new one, never half of
+    either, and a crash leaves the old pair in place.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    data = json.dumps(document, indent=2).encode() + b"\n"
+    fd, temp = tempfile.mkstemp(prefix=".credentials-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    # The rename itself is durable only once the directory is synced.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,343 @@
+"""The subscription OAuth token from a credentials file, refreshed before it expires.
+
+One ``TokenRefresher`` per worker process stands in for a static token. The
+file is the shared truth between processes: a worker re-reads it when it
+changes (another worker may have refreshed), and a refresh happens under a
+cross-process lock (``shim.locks``) with a double check: after taking the
+lock the file is read again, and the token endpoint is called only if the
+token there is still the stale one. Refresh tokens are single-use, so two
+refreshes racing would end in ``invalid_grant`` for one of them.
+
+When the token is due (within ``margin_s`` of expiry) but still valid, one
+background greenlet refreshes while calls go on with the current token; once
+it has expired, calls wait (bounded) for the refresh. A 401 from upstream
+refreshes once, unless the token used is already superseded (then the call
+just retries with the newer one). A failed refresh (``invalid_grant``, the
+endpoint unreachable) is logged, keeps the current token and backs off
+exponentially; nothing here raises into a request.
+
+What is not here: the file format (``shim.credentials``), the lock
+(``shim.locks``), the retry itself (``shim.forward``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from shim.credentials import (
+    CLIENT_ID,
+    CredentialsDocument,
+    CredentialsFileError,
+    OAuthCredentials,
+    read_credentials,
+    with_credentials,
+    write_credentials,
+)
+from shim.keys import header_safe, key_id
+from shim.locks import FileLock, Lock, LockTimeout
+
+log = logging.getLogger("shim.oauth")
+
+USER_AGENT = "shim-gateway"
+# Only a short snake_case OAuth error code (invalid_grant) from the endpoint goes into a log line.
+_ERROR_CODE = re.compile(r"[a-z_]{1,40}")
+
+
+class TokenAnswerError(ValueError):
+    """The token endpoint said 200 but its body is not a usable token pair."""
+
+
+def parse_token_answer(body: object, now: float, old_refresh_token: str) -> OAuthCredentials:
+    """Turn the endpoint's JSON answer into a pair; keep the old refresh token if none came."""
+    if not isinstance(body, dict):
+        raise TokenAnswerError("expected a JSON object")
+    access = body.get("access_token")
+    refresh = body.get("refresh_token", old_refresh_token)
+    expires_in = body.get("expires_in")
+    for name, value in (("access_token", access), ("refresh_token", refresh)):
+        if not isinstance(value, str) or not value or not header_safe(value):
+            raise TokenAnswerError(f"{name}: expected a non-empty printable string")
+    if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) or expires_in <= 0:
+        raise TokenAnswerError("expires_in: expected a positive number of seconds")
+    return OAuthCredentials(access, refresh, now + expires_in)
+
+
+class TokenRefresher:
+    """Hands out the current access token; refreshes it at most once across processes."""
+
+    def __init__(
+        self,
+        path: str,
+        token_url: str,
+        *,
+        lock: Lock | None = None,
+        session: requests.Session | None = None,
+        margin_s: float = 300.0,
+        timeout_s: tuple[float, float] = (10.0, 30.0),
+        wait_s: float = 45.0,
+        min_interval_s: float = 10.0,
+        backoff_s: tuple[float, float] = (5.0, 300.0),
+        reload_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.time,
+        on_token: Callable[[str], None] | None = None,
+        on_result: Callable[[str], None] | None = None,
+    ):
+        self.path = path
+        self.token_url = token_url
+        self.margin_s = margin_s
+        self.timeout_s = timeout_s
+        self.wait_s = wait_s
+        self.min_interval_s = min_interval_s
+        self.backoff_s = backoff_s
+        self.reload_interval_s = reload_interval_s
+        self._lock = lock or FileLock(path + ".lock")
+        self._session = session or _session()
+        self._clock = clock
+        self._on_token = on_token or (lambda token: None)
+        self._on_result = on_result or (lambda result: None)
+        # In-process single flight: one greenlet talks to the lock and the endpoint.
+        self._mutex = threading.Lock()
+        self._background = False
+        self._failures = 0
+        self._next_attempt = 0.0  # clock time before which the endpoint is not called again
+        self._checked_at = float("-inf")  # monotonic time of the last stat of the file
+        self._signature: tuple[int, int, int] | None = None
+        # (parsed file, loggable id of its access token), swapped as one value.
+        self._current: tuple[CredentialsDocument, str] = self._load()
+
+    def __repr__(self) -> str:
+        return f"TokenRefresher(path={self.path!r}, credential={self._current[1]})"
+
+    # -- what a call uses -----------------------------------------------------------------
+
+    def credential(self) -> tuple[str, str]:
+        """Return (access token, loggable id) for a call about to go upstream."""
+        self._reload()
+        parsed, ident = self._current
+        creds = parsed.credentials
+        now = self._clock()
+        if now < creds.expires_at - self.margin_s:
+            return creds.access_token, ident
+        if now < creds.expires_at:
+            self._refresh_in_background()
+            return creds.access_token, ident
+        # Expired: wait (bounded) for a refresh; on failure the old token goes
+        # out and upstream's 401 reaches the client.
+        self._refresh(None, self.wait_s)
+        parsed, ident = self._current
+        return parsed.credentials.access_token, ident
+
+    def after_unauthorized(self, used_id: str | None) -> bool:
+        """Upstream rejected the token ``used_id``: True if a newer token is there to retry with."""
+        parsed, ident = self._current
+        if used_id != ident:
+            return True  # superseded while the call was out: retry with the current one
+        return self._refresh(parsed.credentials.access_token, self.wait_s)
+
+    # -- refreshing -----------------------------------------------------------------------
+
+    def _refresh_in_background(self) -> None:
+        if self._background or self._mutex.locked() or self._clock() < self._next_attempt:
+            return
+        self._background = True
+        # A greenlet under gevent's patched threading; calls go on meanwhile.
+        threading.Thread(target=self._background_refresh, name="oauth-refresh", daemon=True).start()
+
+    def _background_refresh(self) -> None:
+        try:
+            self._refresh(None, self.wait_s)
+        except Exception:  # noqa: BLE001 - a background greenlet has nobody to raise to
+            log.exception("oauth refresh crashed", extra={"event": "oauth_refresh_failed"})
+        finally:
+            self._background = False
+
+    def _refresh(self, rejected: str | None, wait_s: float) -> bool:
+        """Refresh unless it is no longer needed; True if the token now differs from ``rejected``.
+
+        ``rejected`` is the token upstream answered 401 to, or None when the
+        refresh is due by the clock.
+        """
+        if not self._mutex.acquire(timeout=wait_s):
+            return False
+        try:
+            self._reload(force=True)
+            if not self._needed(rejected):
+                return True
+            if self._clock() < self._next_attempt:
+                return False  # backing off after a failure, or refreshed a moment ago
+            try:
+                with self._lock.held(wait_s):
+                    # Double check: another process may have refreshed while we waited.
+                    self._reload(force=True)
+                    if not self._needed(rejected):
+                        return True
+                    return self._call_endpoint()
+            except LockTimeout:
+                log.warning(
+                    "oauth refresh lock not taken in time",
+                    extra={"event": "oauth_lock_timeout", "wait_s": wait_s},
+                )
+                return False
+        finally:
+            self._mutex.release()
+
+    def _needed(self, rejected: str | None) -> bool:
+        creds = self._current[0].credentials
+        if rejected is not None:
+            return creds.access_token == rejected
+        return self._clock() >= creds.expires_at - self.margin_s
+
+    def _call_endpoint(self) -> bool:
+        parsed = self._current[0]
+        started = time.monotonic()
+        try:
+            response = self._session.post(
+                self.token_url,
+                json={
+                    "grant_type": "refresh_token",
+                    "refresh_token": parsed.credentials.refresh_token,
+                    "client_id": CLIENT_ID,
+                },
+                headers={"Accept": "application/json", "User-Agent": USER_AGENT},
+                timeout=self.timeout_s,
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            return self._failed("unreachable", error=type(exc).__name__)
+        if response.status_code != 200:
+            return self._failed(
+                "rejected", status=response.status_code, error=_error_code(response)
+            )
+        try:
+            old_refresh = parsed.credentials.refresh_token
+            new = parse_token_answer(_json(response), self._clock(), old_refresh)
+        except TokenAnswerError as exc:
+            return self._failed("bad_answer", error=str(exc))
+        # Known to the log filter before anything could print them.
+        self._on_token(new.access_token)
+        self._on_token(new.refresh_token)
+        document = with_credentials(parsed, new)
+        updated = CredentialsDocument(new, document, parsed.nested)
+        try:
+            write_credentials(self.path, document)
+            self._signature = _signature(os.stat(self.path))
+        except OSError as exc:
+            # The old refresh token is spent: this worker keeps the new pair in
+            # memory, but the other workers will fail until the file is fixed.
+            log.error(
+                "refreshed token could not be written back",
+                extra={"event": "oauth_write_failed", "error": type(exc).__name__},
+            )
+        self._current = (updated, _ident(new.access_token))
+        self._failures = 0
+        self._next_attempt = self._clock() + self.min_interval_s
+        log.info(
+            "oauth token refreshed",
+            extra={
+                "event": "oauth_refreshed",
+                "credential": self._current[1],
+                "expires_in_s": round(new.expires_at - self._clock()),
+                "duration_ms": round((time.monotonic() - started) * 1000, 1),
+            },
+        )
+        self._on_result("refreshed")
+        return True
+
+    def _failed(self, reason: str, **fields: object) -> bool:
+        self._failures += 1
+        low, high = self.backoff_s
+        backoff = min(high, low * 2 ** (self._failures - 1))
+        self._next_attempt = self._clock() + backoff
+        log.warning(
+            "oauth refresh failed; keeping the current token",
+            extra={
+                "event": "oauth_refresh_failed",
+                "reason": reason,
+                "retry_in_s": backoff,
+                **fields,
+            },
+        )
+        self._on_result("failed")
+        return False
+
+    # -- the file ---------------------------------------------------------------------------
+
+    def _load(self) -> tuple[CredentialsDocument, str]:
+        parsed = read_credentials(self.path)
+        self._signature = _signature(os.stat(self.path))
+        self._checked_at = time.monotonic()
+        self._on_token(parsed.credentials.access_token)
+        self._on_token(parsed.credentials.refresh_token)
+        return parsed, _ident(parsed.credentials.access_token)
+
+    def _reload(self, force: bool = False) -> None:
+        """Adopt the file's pair if the file changed (checked at most every reload_interval_s)."""
+        now = time.monotonic()
+        if not force and now < self._checked_at + self.reload_interval_s:
+            return
+        self._checked_at = now
+        try:
+            signature = _signature(os.stat(self.path))
+            if signature == self._signature:
+                return
+            self._signature = signature
+            parsed = read_credentials(self.path)
+        except (OSError, CredentialsFileError) as exc:
+            # Mid-edit by hand, or gone: keep the token we have, say why once per change.
+            log.warning(
+                "credentials file unusable; keeping the current token",
+                extra={"event": "oauth_file_unusable", "error": str(exc)},
+            )
+            return
+        if parsed.credentials.access_token != self._current[0].credentials.access_token:
+            self._on_token(parsed.credentials.access_token)
+            self._on_token(parsed.credentials.refresh_token)
+            self._current = (parsed, _ident(parsed.credentials.access_token))
+            log.info(
+                "adopted the token in the credentials file",
+                extra={"event": "oauth_token_adopted", "credential": self._current[1]},
+            )
+            self._on_result("adopted")
+        else:
+            self._current = (parsed, self._current[1])
+
+
+def _session() -> requests.Session:
+    session = requests.Session()
+    # A stray HTTPS_PROXY or ~/.netrc must not see or redirect the refresh token.
+    session.trust_env = False
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=2, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+def _ident(token: str) -> str:
+    return "oauth:" + key_id(token)
+
+
+def _signature(stat: os.stat_result) -> tuple[int, int, int]:
+    return (stat.st_mtime_ns, stat.st_ino, stat.st_size)
+
+
+def _json(response: requests.Response) -> object:
+    try:
+        return response.json()
+    except ValueError:
+        raise TokenAnswerError("expected a JSON body") from None
+
+
+def _error_code(response: requests.Response) -> str | None:
+    try:
+        code = response.json().get("error")
+    except (ValueError, AttributeError):
+        return None
+    return code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else None
