@@ -205,17 +205,19 @@ def test_world_readable_credentials_file_warns(tmp_path):
     assert warning.startswith("SHIM_ANTHROPIC_CREDENTIALS_FILE: ") and "chmod 600" in warning
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
-def test_credentials_file_in_a_read_only_directory_is_refused(tmp_path):
+def test_credentials_file_in_a_read_only_directory_is_refused(tmp_path, monkeypatch):
     directory = tmp_path / "ro"
     directory.mkdir()
     path = write_json(directory / "c.json", claude_code_file())
-    directory.chmod(0o500)
-    try:
-        [problem] = problems(env(SHIM_ANTHROPIC_CREDENTIALS_FILE=path))
-    finally:
-        directory.chmod(0o700)
-    assert "not writable" in problem
+    # Root may write anywhere (CI runs as root), so the kernel's answer is
+    # replaced by what a non-root user in a read-only directory would get.
+    real_access = os.access
+    monkeypatch.setattr(
+        "shim.settings.os.access",
+        lambda where, mode: False if str(where) == str(directory) else real_access(where, mode),
+    )
+    [problem] = problems(env(SHIM_ANTHROPIC_CREDENTIALS_FILE=path))
+    assert "not writable" in problem and "SHIM_ANTHROPIC_CREDENTIALS_FILE" in problem
 
 
 @pytest.mark.parametrize(
