@@ -25,13 +25,14 @@ from shim.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, Pa
 from shim.forward import Forwarder
 from shim.keys import KeyPool
 from shim.limits import Limiter
+from shim.locks import FileLock, SharedLock
 from shim.oauth import TokenRefresher
 from shim.providers.anthropic import Anthropic
 from shim.providers.base import Provider, make_blueprint
 from shim.providers.gemini import Gemini
 from shim.readiness import Readiness
 from shim.settings import Settings
-from shim.state import open_state
+from shim.state import RedisState, open_state
 from shim.throttle import AuthThrottle
 
 log = logging.getLogger("shim")
@@ -104,11 +105,17 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
     app.url_map.merge_slashes = False
     app.json.sort_keys = False
 
+    state = open_state(settings.state_url)
+    shared = state if isinstance(state, RedisState) else None
     refresher = None
     if settings.anthropic_credentials_file:
+        file_lock = FileLock(settings.anthropic_credentials_file + ".lock")
         refresher = TokenRefresher(
             settings.anthropic_credentials_file,
             settings.anthropic_token_url,
+            # Several boxes: one refresher among all of them, and the new pair shared.
+            lock=SharedLock(shared, "oauth-refresh", 120.0, file_lock) if shared else file_lock,
+            shared=shared,
             margin_s=settings.anthropic_refresh_margin_s,
             timeout_s=(settings.connect_timeout_s, 30.0),
             on_token=logs.add_secret,
@@ -120,8 +127,6 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
         settings.anthropic_token,
         refresher,
     )
-    state = open_state(settings.state_url)
-    shared = state if state.shared else None
     gemini = Gemini(settings.gemini_upstream, KeyPool(settings.gemini_keys, shared=shared))
     app.providers_by_port = {
         str(settings.anthropic_port): anthropic,

@@ -15,10 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+from shim.limits import StateUnavailable
+
+if TYPE_CHECKING:
+    from shim.state import RedisState
+
+log = logging.getLogger("shim.locks")
 
 
 class LockTimeout(TimeoutError):
@@ -73,3 +81,39 @@ class FileLock:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+class SharedLock:
+    """A lock in the shared state store (Redis), for gateways on several boxes.
+
+    The lease bounds how long a crashed holder can block the others. When
+    the store is unavailable the box's own ``fallback`` lock is taken instead:
+    boxes could then race each other, but the workers of one box still never
+    do, and the gateway keeps working without Redis.
+    """
+
+    def __init__(self, state: RedisState, name: str, lease_s: float, fallback: Lock):
+        self._state = state
+        self.name = name
+        self.lease_s = lease_s
+        self._fallback = fallback
+
+    def __repr__(self) -> str:
+        return f"SharedLock({self.name!r}, fallback={self._fallback!r})"
+
+    @contextlib.contextmanager
+    def held(self, timeout_s: float) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self._state.held(self.name, self.lease_s, timeout_s))
+            except StateUnavailable as exc:
+                log.warning(
+                    "shared lock unavailable; using this box's lock",
+                    extra={
+                        "event": "shared_lock_unavailable",
+                        "lock": self.name,
+                        "error": str(exc),
+                    },
+                )
+                stack.enter_context(self._fallback.held(timeout_s))
+            yield

@@ -16,18 +16,26 @@ just retries with the newer one). A failed refresh (``invalid_grant``, the
 endpoint unreachable) is logged, keeps the current token and backs off
 exponentially; nothing here raises into a request.
 
+Several boxes (``SHIM_STATE_URL=redis://``): the lock is a Redis lock, and the
+pair a refresh produced is also put in Redis (``shared``). Every refresher,
+after taking the lock, first adopts a newer pair from Redis (and writes it to
+its own file for its box's workers), so a box never spends a refresh token
+another box already used.
+
 What is not here: the file format (``shim.credentials``), the lock
 (``shim.locks``), the retry itself (``shim.forward``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -42,11 +50,17 @@ from shim.credentials import (
     write_credentials,
 )
 from shim.keys import header_safe, key_id
+from shim.limits import StateUnavailable
 from shim.locks import FileLock, Lock, LockTimeout
+
+if TYPE_CHECKING:
+    from shim.state import RedisState
 
 log = logging.getLogger("shim.oauth")
 
 USER_AGENT = "shim-gateway"
+# Where the refreshed pair is shared between boxes (a Redis key under shim:).
+SHARED_PAIR = "oauth:anthropic:pair"
 # Only a short snake_case OAuth error code (invalid_grant) from the endpoint goes into a log line.
 _ERROR_CODE = re.compile(r"[a-z_]{1,40}")
 
@@ -89,8 +103,10 @@ class TokenRefresher:
         clock: Callable[[], float] = time.time,
         on_token: Callable[[str], None] | None = None,
         on_result: Callable[[str], None] | None = None,
+        shared: RedisState | None = None,
     ):
         self.path = path
+        self._shared = shared
         self.token_url = token_url
         self.margin_s = margin_s
         self.timeout_s = timeout_s
@@ -177,6 +193,7 @@ class TokenRefresher:
                 with self._lock.held(wait_s):
                     # Double check: another process may have refreshed while we waited.
                     self._reload(force=True)
+                    self._adopt_shared()
                     if not self._needed(rejected):
                         return True
                     return self._call_endpoint()
@@ -237,6 +254,7 @@ class TokenRefresher:
                 extra={"event": "oauth_write_failed", "error": type(exc).__name__},
             )
         self._current = (updated, _ident(new.access_token))
+        self._publish(new)
         self._failures = 0
         self._next_attempt = self._clock() + self.min_interval_s
         log.info(
@@ -267,6 +285,72 @@ class TokenRefresher:
         )
         self._on_result("failed")
         return False
+
+    # -- the pair shared between boxes (Redis) -----------------------------------------------
+
+    def _publish(self, new: OAuthCredentials) -> None:
+        if self._shared is None:
+            return
+        value = json.dumps(
+            {
+                "access_token": new.access_token,
+                "refresh_token": new.refresh_token,
+                "expires_at": new.expires_at,
+            }
+        ).encode()
+        try:
+            # Kept a day past expiry: a box that wakes up late still finds the newest pair.
+            self._shared.set_value(SHARED_PAIR, value, new.expires_at - self._clock() + 86_400)
+        except StateUnavailable as exc:
+            log.warning(
+                "refreshed token not shared: other boxes must refresh on their own",
+                extra={"event": "oauth_share_failed", "error": str(exc)},
+            )
+
+    def _adopt_shared(self) -> None:
+        """Take a newer pair another box refreshed into the shared store, and write it here."""
+        if self._shared is None:
+            return
+        try:
+            raw = self._shared.get_value(SHARED_PAIR)
+        except StateUnavailable:
+            return
+        if not raw:
+            return
+        try:
+            data = json.loads(raw)
+            shared = OAuthCredentials(
+                str(data["access_token"]), str(data["refresh_token"]), float(data["expires_at"])
+            )
+        except (ValueError, KeyError, TypeError):
+            log.warning("shared oauth pair unreadable; ignored", extra={"event": "oauth_share_bad"})
+            return
+        parsed, _ = self._current
+        if (
+            shared.access_token == parsed.credentials.access_token
+            or shared.expires_at <= parsed.credentials.expires_at
+        ):
+            return
+        self._on_token(shared.access_token)
+        self._on_token(shared.refresh_token)
+        document = with_credentials(parsed, shared)
+        try:
+            write_credentials(self.path, document)
+            self._signature = _signature(os.stat(self.path))
+        except OSError as exc:
+            log.error(
+                "adopted token could not be written back",
+                extra={"event": "oauth_write_failed", "error": type(exc).__name__},
+            )
+        self._current = (
+            CredentialsDocument(shared, document, parsed.nested),
+            _ident(shared.access_token),
+        )
+        log.info(
+            "adopted the token another instance refreshed",
+            extra={"event": "oauth_token_adopted", "credential": self._current[1], "from": "redis"},
+        )
+        self._on_result("adopted")
 
     # -- the file ---------------------------------------------------------------------------
 

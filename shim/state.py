@@ -24,11 +24,14 @@ per request.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Protocol
 from urllib.parse import urlsplit
 
 from shim.limits import ADMITTED, LEASE_S, Admission, Limits, StateUnavailable
+from shim.locks import LockTimeout
 
 DAY_S = 86_400
 RETRY_AFTER_FAILURE_S = 1.0
@@ -234,6 +237,29 @@ class RedisState:
             return bool(self._call(self._client.ping))
         except StateUnavailable:
             return False
+
+    # -- for shim.oauth: one refresher across boxes, and the pair it refreshed ------------
+
+    @contextlib.contextmanager
+    def held(self, name: str, lease_s: float, timeout_s: float) -> Iterator[None]:
+        """Hold the lock ``name`` across every instance; it frees itself after ``lease_s``."""
+        lock = self._client.lock(
+            f"shim:lock:{name}", timeout=lease_s, sleep=0.05, blocking_timeout=timeout_s
+        )
+        if not self._call(lock.acquire):
+            raise LockTimeout(f"lock {name} held by another instance")
+        try:
+            yield
+        finally:
+            # Lease expired or Redis gone: either way the lock frees itself.
+            with contextlib.suppress(*self._redis_errors):
+                lock.release()
+
+    def get_value(self, name: str) -> bytes | None:
+        return self._call(lambda: self._client.get(f"shim:{name}"))
+
+    def set_value(self, name: str, value: bytes, ttl_s: float) -> None:
+        self._call(lambda: self._client.set(f"shim:{name}", value, ex=max(1, int(ttl_s))))
 
 
 def _describe(url: str) -> str:

@@ -236,3 +236,61 @@ def test_a_failing_token_endpoint_is_logged_and_the_gateway_keeps_serving(fake, 
     conn.request("GET", "/health")
     assert conn.getresponse().status == 200
     conn.close()
+
+
+def test_two_boxes_on_one_redis_refresh_once_and_share_the_new_pair(fake, redis_server, tmp_path):
+    # Two gateways, each with its own copy of the file (as on two boxes), one Redis.
+    fake.token_delay_s = 1.0
+    access, refresh, expires_at = fake.issue_tokens(4.0)
+    redis_server.command("DEL", "shim:oauth:anthropic:pair")
+    gateways, paths = [], []
+    try:
+        for box in ("one", "two"):
+            (tmp_path / box).mkdir()
+            path = write_file(tmp_path / box / ".credentials.json", access, refresh, expires_at)
+            paths.append(path)
+            gateways.append(
+                start_gateway(
+                    {
+                        "SHIM_ANTHROPIC_CREDENTIALS_FILE": str(path),
+                        "SHIM_ANTHROPIC_TOKEN_URL": f"{fake.url}/v1/oauth/token",
+                        "SHIM_ANTHROPIC_REFRESH_MARGIN_S": "2",
+                        "SHIM_ANTHROPIC_UPSTREAM": fake.url,
+                        "SHIM_WORKERS": "2",
+                        "SHIM_STATE_URL": redis_server.url,
+                    },
+                    tmp_path / box / "gunicorn.log",
+                )
+            )
+        results: list = []
+        threads = []
+        start = time.monotonic()
+        for index in range(48):  # 100 ms apart over 4.8 s, alternating boxes, half streaming
+            thread = threading.Thread(
+                target=call, args=(gateways[index % 2], index % 4 < 2, results)
+            )
+            thread.start()
+            threads.append(thread)
+            time.sleep(max(0.0, start + (index + 1) * 0.1 - time.monotonic()))
+        for thread in threads:
+            thread.join(30)
+        # Past the expiry: both boxes must be on the new token by now.
+        for gateway in gateways:
+            call(gateway, False, results)
+
+        assert len(results) == 50
+        assert [r for r in results if r[0] != 200 or not r[1]] == []
+        assert len(fake.token_calls) == 1
+        new = [read_credentials(str(path)).credentials for path in paths]
+        assert new[0].access_token == new[1].access_token != access
+        assert new[0].refresh_token == new[1].refresh_token != refresh
+        assert all(stat.S_IMODE(os.stat(path).st_mode) == 0o600 for path in paths)
+        adopted = [e for gw in gateways for e in events(gw, "oauth_token_adopted")]
+        assert any(e.get("from") == "redis" for e in adopted)
+        assert not any(
+            access in gw.log_text() or new[0].access_token in gw.log_text() for gw in gateways
+        )
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+        redis_server.command("DEL", "shim:oauth:anthropic:pair")

@@ -259,3 +259,25 @@ def test_state_url_refused_without_echoing_it(url):
 def test_open_state_picks_the_store():
     assert isinstance(open_state("memory://"), MemoryState)
     assert isinstance(open_state("redis://127.0.0.1:1/0"), RedisState)
+
+
+def test_shared_lock_excludes_across_instances_and_falls_back_without_redis(redis_server, tmp_path):
+    from shim.locks import FileLock, LockTimeout, SharedLock
+
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    first = SharedLock(RedisState(redis_server.url), name, 30, FileLock(str(tmp_path / "a.lock")))
+    second = SharedLock(RedisState(redis_server.url), name, 30, FileLock(str(tmp_path / "b.lock")))
+    with first.held(1):
+        # Another box (its own file lock) still waits for the Redis lock.
+        started = time.monotonic()
+        with pytest.raises(LockTimeout), second.held(0.3):
+            pass
+        assert 0.25 < time.monotonic() - started < 2
+    with second.held(1):  # released on exit
+        pass
+    # Redis gone: the box's own lock is used, and it still excludes within the box.
+    fallback = FileLock(str(tmp_path / "c.lock"))
+    dead = RedisState(f"redis://127.0.0.1:{closed_port()}/0")
+    lonely = SharedLock(dead, name, 30, fallback)
+    with lonely.held(1), pytest.raises(LockTimeout), fallback.held(0.2):
+        pass
