@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -30,7 +31,10 @@ import run  # noqa: E402 - the shared rig (targets, wrk, CPU accounting)
 LIMITS = "concurrency=100000 rpm=100000000 tokens_per_day=1000000000000"
 
 
-def measure(upstream_port: int, redis_pid: int | None, **env: str) -> tuple[float, float]:
+def measure(
+    upstream_port: int, redis_pid: int | None, **env: str
+) -> tuple[float, float, float]:
+    """(shim CPU per request, redis-server CPU per request, req/s)."""
     shim = run.start_shim(upstream_port, **env)
     try:
         run.wrk(shim.port, 32)  # warm-up
@@ -38,11 +42,29 @@ def measure(upstream_port: int, redis_pid: int | None, **env: str) -> tuple[floa
         redis_before = run.cpu_seconds(redis_pid) if redis_pid else 0.0
         rate, done = run.wrk(shim.port, 32)
         used = run.cpu_seconds(shim.process.pid) - before
-        if redis_pid:
-            used += run.cpu_seconds(redis_pid) - redis_before
-        return used / done, rate
+        redis_used = run.cpu_seconds(redis_pid) - redis_before if redis_pid else 0.0
+        return used / done, redis_used / done, rate
     finally:
         shim.stop()
+
+
+def in_process_seconds(state_url: str, rounds: int) -> float:
+    """admit + finish of one limited call through the real Limiter, CPU seconds per call."""
+    sys.path.insert(0, str(run.ROOT))
+    from shim.access import AccessRecord
+    from shim.limits import Limiter, parse_limits
+    from shim.state import open_state
+
+    limiter = Limiter(open_state(state_url))
+    limits = parse_limits(LIMITS.split())
+    start = time.process_time()
+    for index in range(rounds):
+        record = AccessRecord(f"r{index}", "anthropic", "POST")
+        record.client = "bench"
+        limiter.admit(record, limits)
+        record.input_tokens, record.output_tokens = 10, 2
+        limiter.finish(record)
+    return (time.process_time() - start) / rounds
 
 
 def main() -> None:
@@ -62,15 +84,20 @@ def main() -> None:
     try:
         run.wait_port(upstream_port)
         run.wait_port(redis_port)
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        inner = [
+            ("memory://", in_process_seconds("memory://", 20_000)),
+            ("redis:// (client side only)", in_process_seconds(redis_url, 5_000)),
+        ]
         rows = [
             ("no limits (baseline)", measure(upstream_port, None)),
             ("limited, memory://", measure(upstream_port, None, **named)),
             (
-                "limited, redis:// (+ redis CPU)",
+                "limited, redis://",
                 measure(
                     upstream_port,
                     redis.pid,
-                    SHIM_STATE_URL=f"redis://127.0.0.1:{redis_port}/0",
+                    SHIM_STATE_URL=redis_url,
                     **named,
                 ),
             ),
@@ -79,14 +106,21 @@ def main() -> None:
         upstream.kill()
         redis.kill()
         shutil.rmtree(workdir, ignore_errors=True)
-    base_cpu, base_rate = rows[0][1]
+    base_cpu, _, base_rate = rows[0][1]
     width = max(len(name) for name, _ in rows)
-    print(f"{'set-up':<{width}}  {'CPU/request':>12}  {'ratio':>6}  {'req/s':>8}  {'ratio':>6}")
-    for name, (cpu, rate) in rows:
+    print(
+        f"{'set-up':<{width}}  {'shim CPU/req':>12}  {'ratio':>6}  {'+ redis CPU/req':>15}  "
+        f"{'req/s':>8}  {'ratio':>6}"
+    )
+    for name, (cpu, redis_cpu, rate) in rows:
         print(
             f"{name:<{width}}  {cpu * 1e6:9.0f} µs  {cpu / base_cpu:5.2f}×  "
-            f"{rate:8.0f}  {rate / base_rate:5.2f}×"
+            f"{redis_cpu * 1e6:12.0f} µs  {rate:8.0f}  {rate / base_rate:5.2f}×"
         )
+    print()
+    for name, seconds in inner:
+        share = seconds / base_cpu
+        print(f"limiter admit + finish, {name:<28} {seconds * 1e6:7.1f} µs  ({share:.1%} of a call)")
 
 
 if __name__ == "__main__":

@@ -256,6 +256,13 @@ def test_state_url_refused_without_echoing_it(url):
     assert "s3cret" not in repr(Settings.from_env(settings_env(SHIM_STATE_URL="redis://:s3cret@h")))
 
 
+def test_redis_replies_are_parsed_by_hiredis():
+    import redis.utils
+
+    # Pinned in requirements.txt for the CPU it saves per call (bench/limits.py).
+    assert redis.utils.HIREDIS_AVAILABLE
+
+
 def test_open_state_picks_the_store():
     assert isinstance(open_state("memory://"), MemoryState)
     assert isinstance(open_state("redis://127.0.0.1:1/0"), RedisState)
