@@ -120,7 +120,7 @@ def main() -> None:
     print()
     for name, seconds in inner:
         share = seconds / base_cpu
-        print(f"limiter admit + finish, {name:<28} {seconds * 1e6:7.1f} µs  ({share:.1%} of a call)")
+        print(f"limiter admit + finish, {name:<28} {seconds * 1e6:7.1f} µs  ({share:.1%} of call)")
 
 
 if __name__ == "__main__":

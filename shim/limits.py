@@ -177,6 +177,8 @@ class Limiter:
             return
         record.limits = record.lease = None
         tokens = tokens_used(record) if limits.tokens_per_day else 0
+        if not limits.concurrency and not tokens:
+            return  # rpm only: nothing to release or count, no round trip
         try:
             self.state.finish(record.client or "", limits, lease, tokens, self._clock())
         except StateUnavailable as exc:
