@@ -23,7 +23,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
-from shim.keys import header_safe
+from shim.keys import header_safe, read_text
 
 # Where Claude Code refreshes since v2.1.81; before that console.anthropic.com/v1/oauth/token.
 DEFAULT_TOKEN_URL = "https://platform.claude.com/v1/oauth/token"
@@ -91,13 +91,7 @@ def parse_credentials(text: str) -> CredentialsDocument:
 
 def read_credentials(path: str) -> CredentialsDocument:
     """Read and parse the file at ``path``; the error names the file, never a token."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        raise CredentialsFileError(f"file {path!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CredentialsFileError(f"file {path!r} cannot be read ({type(exc).__name__})") from None
+    text = read_text(path, CredentialsFileError)
     try:
         return parse_credentials(text)
     except CredentialsFileError as exc:

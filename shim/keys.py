@@ -31,6 +31,17 @@ def header_safe(value: str) -> bool:
     return value.isascii() and value.isprintable() and " " not in value
 
 
+def read_text(path: str, error: type[ValueError]) -> str:
+    """The UTF-8 text of a config file, or ``error`` naming the file (never its content)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise error(f"file {path!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"file {path!r} cannot be read ({type(exc).__name__})") from None
+
+
 class KeyFileError(ValueError):
     """A key list that cannot be used; the message never contains a key."""
 
@@ -40,13 +51,7 @@ def load_keys(*, path: str | None = None, text: str | None = None) -> tuple[str,
     if text is None:
         if path is None:
             raise ValueError("load_keys needs path or text")
-        try:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read()
-        except FileNotFoundError:
-            raise KeyFileError(f"file {path!r} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise KeyFileError(f"file {path!r} cannot be read ({type(exc).__name__})") from None
+        text = read_text(path, KeyFileError)
     keys: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
         key = line.split("#", 1)[0].strip()
@@ -89,7 +94,7 @@ class KeyPool:
         self._by_id = {ident: key for key, ident in self._ids.items()}
         self._next = 0
         self._clock = clock
-        self._cooling_until: dict[str, float] = {}  # key id -> monotonic time it is back
+        self._cooling_until: dict[str, float] = {}  # key id -> wall-clock time it is back
         self._disabled: set[str] = set()
         self._on_change: Callable[[dict[str, int]], None] | None = None
         self._shared = shared

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from shim.clients import ClientsFileError, parse_clients
 from shim.credentials import DEFAULT_TOKEN_URL, CredentialsFileError, read_credentials
-from shim.keys import KeyFileError, header_safe, load_keys
+from shim.keys import KeyFileError, header_safe, load_keys, read_text
 
 DEFAULT_ANTHROPIC_UPSTREAM = "https://api.anthropic.com"
 DEFAULT_GEMINI_UPSTREAM = "https://generativelanguage.googleapis.com"
@@ -210,12 +210,7 @@ def _default_workers() -> int:
 
 def _clients_file(raw: str) -> str:
     try:
-        with open(raw, encoding="utf-8") as handle:
-            parse_clients(handle.read())
-    except FileNotFoundError:
-        raise ValueError(f"file {raw!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"file {raw!r} cannot be read ({type(exc).__name__})") from None
+        parse_clients(read_text(raw, ValueError))
     except ClientsFileError as exc:
         raise ValueError(str(exc)) from None
     return raw
@@ -263,22 +258,17 @@ def _credentials_file(env: _Env) -> str | None:
         )
         env.failed.add(name)
         return None
-    if os.stat(path).st_mode & 0o004:
-        env.warnings.append(f"{name}: {path} is readable by every user; chmod 600 it")
+    _warn_if_world_readable(env, name, path)
     return path
 
 
+def _warn_if_world_readable(env: _Env, name: str, path: str) -> None:
+    if os.stat(path).st_mode & 0o004:
+        env.warnings.append(f"{name}: {path} is readable by every user; chmod 600 it")
+
+
 def _token_url(raw: str) -> str:
-    parts = urlsplit(raw.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http(s) URL such as {DEFAULT_TOKEN_URL}, got {raw!r}")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError("expected a URL without credentials, query or fragment")
-    try:
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise ValueError(f"expected a valid port in the URL, got {raw!r}") from None
-    return raw.strip()
+    return _http_url(raw, f"an http(s) URL such as {DEFAULT_TOKEN_URL}")
 
 
 def _margin(raw: str) -> float:
@@ -308,16 +298,20 @@ def _credential(raw: str) -> str:
 
 
 def _base_url(raw: str) -> str:
+    return _http_url(raw, "an http(s) base URL such as https://host[:port]").rstrip("/")
+
+
+def _http_url(raw: str, what: str) -> str:
     parts = urlsplit(raw.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http(s) base URL such as https://host[:port], got {raw!r}")
+        raise ValueError(f"expected {what}, got {raw!r}")
     if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError("expected a base URL without credentials, query or fragment")
+        raise ValueError("expected a URL without credentials, query or fragment")
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         raise ValueError(f"expected a valid port in the URL, got {raw!r}") from None
-    return raw.strip().rstrip("/")
+    return raw.strip()
 
 
 def _host(raw: str) -> str:
@@ -399,10 +393,7 @@ def _gemini_keys(env: _Env) -> tuple[tuple[str, ...], str]:
         if file_name is None and not os.path.exists(path):
             return (), "none"  # the default file is optional; a named one is not
         keys = load_keys(path=path)
-        if os.path.exists(path) and os.stat(path).st_mode & 0o004:
-            env.warnings.append(
-                f"SHIM_GEMINI_KEYS_FILE: {path} is readable by every user; chmod 600 it"
-            )
+        _warn_if_world_readable(env, "SHIM_GEMINI_KEYS_FILE", path)
         return keys, path
     except KeyFileError as exc:
         name = "SHIM_GEMINI_KEYS" if listed is not None else "SHIM_GEMINI_KEYS_FILE"
