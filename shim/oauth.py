@@ -238,22 +238,7 @@ class TokenRefresher:
             new = parse_token_answer(_json(response), self._clock(), old_refresh)
         except TokenAnswerError as exc:
             return self._failed("bad_answer", error=str(exc))
-        # Known to the log filter before anything could print them.
-        self._on_token(new.access_token)
-        self._on_token(new.refresh_token)
-        document = with_credentials(parsed, new)
-        updated = CredentialsDocument(new, document, parsed.nested)
-        try:
-            write_credentials(self.path, document)
-            self._signature = _signature(os.stat(self.path))
-        except OSError as exc:
-            # The old refresh token is spent: this worker keeps the new pair in
-            # memory, but the other workers will fail until the file is fixed.
-            log.error(
-                "refreshed token could not be written back",
-                extra={"event": "oauth_write_failed", "error": type(exc).__name__},
-            )
-        self._current = (updated, _ident(new.access_token))
+        self._install(new)
         self._publish(new)
         self._failures = 0
         self._next_attempt = self._clock() + self.min_interval_s
@@ -285,6 +270,28 @@ class TokenRefresher:
         )
         self._on_result("failed")
         return False
+
+    def _install(self, new: OAuthCredentials) -> None:
+        """Make ``new`` this worker's pair and write it to the file for the other workers."""
+        # Known to the log filter before anything could print them.
+        self._on_token(new.access_token)
+        self._on_token(new.refresh_token)
+        parsed = self._current[0]
+        document = with_credentials(parsed, new)
+        try:
+            write_credentials(self.path, document)
+            self._signature = _signature(os.stat(self.path))
+        except OSError as exc:
+            # The old refresh token is spent: this worker keeps the new pair in
+            # memory, but the other workers will fail until the file is fixed.
+            log.error(
+                "new token could not be written back",
+                extra={"event": "oauth_write_failed", "error": type(exc).__name__},
+            )
+        self._current = (
+            CredentialsDocument(new, document, parsed.nested),
+            _ident(new.access_token),
+        )
 
     # -- the pair shared between boxes (Redis) -----------------------------------------------
 
@@ -331,21 +338,7 @@ class TokenRefresher:
             or shared.expires_at <= parsed.credentials.expires_at
         ):
             return
-        self._on_token(shared.access_token)
-        self._on_token(shared.refresh_token)
-        document = with_credentials(parsed, shared)
-        try:
-            write_credentials(self.path, document)
-            self._signature = _signature(os.stat(self.path))
-        except OSError as exc:
-            log.error(
-                "adopted token could not be written back",
-                extra={"event": "oauth_write_failed", "error": type(exc).__name__},
-            )
-        self._current = (
-            CredentialsDocument(shared, document, parsed.nested),
-            _ident(shared.access_token),
-        )
+        self._install(shared)
         log.info(
             "adopted the token another instance refreshed",
             extra={"event": "oauth_token_adopted", "credential": self._current[1], "from": "redis"},
