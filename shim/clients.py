@@ -103,9 +103,9 @@ class ClientTable:
     def names(self) -> list[str]:
         return [entry.name for entry in self._entries]
 
-    def limits(self, name: str) -> Limits:
-        """The limits of client ``name`` as the file says now (none for unknown names)."""
-        return self._limits.get(name, NO_LIMITS)
+    def limits(self, name: str | None) -> Limits | None:
+        """The limits of client ``name`` as the file says now; None when it has none."""
+        return self._limits.get(name)  # type: ignore[arg-type]
 
     def match(self, presented: list[bytes]) -> str | None:
         """Return the name of the client whose secret is among ``presented``, else None."""

@@ -62,9 +62,6 @@ class Limits:
     def __bool__(self) -> bool:
         return bool(self.concurrency or self.rpm or self.tokens_per_day)
 
-    def __str__(self) -> str:
-        return " ".join(f"{name}={getattr(self, name)}" for name in _NAMES if getattr(self, name))
-
 
 NO_LIMITS = Limits()
 

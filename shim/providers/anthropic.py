@@ -93,15 +93,14 @@ class Anthropic(Provider):
         return presented
 
     def add_credential(self, headers: dict[str, str]) -> str | None:
-        if self._refresher is not None:
-            token, ident = self._refresher.credential()
-            headers["authorization"] = "Bearer " + token
+        if self._refresher is not None or self._bearer is not None:
+            if self._refresher is not None:
+                token, ident = self._refresher.credential()
+                headers["authorization"] = "Bearer " + token
+            else:
+                headers["authorization"], ident = self._bearer, "oauth"
             headers["anthropic-beta"] = merge_beta(headers.get("anthropic-beta"), OAUTH_BETA)
             return ident
-        if self._bearer is not None:
-            headers["authorization"] = self._bearer
-            headers["anthropic-beta"] = merge_beta(headers.get("anthropic-beta"), OAUTH_BETA)
-            return "oauth"
         if self._api_key is not None:
             headers["x-api-key"] = self._api_key
             return "api_key"

@@ -115,7 +115,10 @@ def make_blueprint(
         environ = request.environ
         if limiter is not None:
             record = environ["shim.record"]
-            limiter.admit(record, clients.limits(record.client))
+            # Most clients have no limits: no limiter call at all for them.
+            limits = clients.limits(record.client)
+            if limits is not None:
+                limiter.admit(record, limits)
         return forward(provider, environ)
 
     for route in provider.routes:
