@@ -61,6 +61,20 @@ def clients_file(tmp_path) -> str:
     return str(path)
 
 
+def gateway_env(tmp, upstream_url: str, workers: int, state_url: str = "memory://") -> dict:
+    """A gateway of named clients only (no shared secret) in front of the fake."""
+    return {
+        "SHIM_CLIENTS_FILE": clients_file(tmp),
+        "SHIM_ANTHROPIC_API_KEY": FAKE_API_KEY,
+        "SHIM_GEMINI_KEYS": ",".join(FAKE_GEMINI_KEYS),
+        "SHIM_ANTHROPIC_UPSTREAM": upstream_url,
+        "SHIM_GEMINI_UPSTREAM": upstream_url,
+        "SHIM_SHARED_SECRET": "",
+        "SHIM_WORKERS": str(workers),
+        "SHIM_STATE_URL": state_url,
+    }
+
+
 def call(
     port: int,
     client: str,
@@ -140,18 +154,7 @@ def scrape(port: int) -> str:
 @pytest.fixture(scope="module")
 def limited(fake_upstream, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("limits_memory")
-    gw = start_gateway(
-        {
-            "SHIM_CLIENTS_FILE": clients_file(tmp),
-            "SHIM_ANTHROPIC_API_KEY": FAKE_API_KEY,
-            "SHIM_GEMINI_KEYS": ",".join(FAKE_GEMINI_KEYS),
-            "SHIM_ANTHROPIC_UPSTREAM": fake_upstream.url,
-            "SHIM_GEMINI_UPSTREAM": fake_upstream.url,
-            "SHIM_SHARED_SECRET": "",
-            "SHIM_WORKERS": "1",
-        },
-        tmp / "gunicorn.log",
-    )
+    gw = start_gateway(gateway_env(tmp, fake_upstream.url, 1), tmp / "gunicorn.log")
     yield gw
     gw.stop()
 
@@ -241,16 +244,7 @@ def test_rejections_are_logged_and_counted_by_client_and_limit(limited):
 @pytest.fixture(scope="module")
 def pair(fake_upstream, redis_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("limits_redis")
-    env = {
-        "SHIM_CLIENTS_FILE": clients_file(tmp),
-        "SHIM_ANTHROPIC_API_KEY": FAKE_API_KEY,
-        "SHIM_GEMINI_KEYS": ",".join(FAKE_GEMINI_KEYS),
-        "SHIM_ANTHROPIC_UPSTREAM": fake_upstream.url,
-        "SHIM_GEMINI_UPSTREAM": fake_upstream.url,
-        "SHIM_SHARED_SECRET": "",
-        "SHIM_WORKERS": "2",
-        "SHIM_STATE_URL": redis_server.url,
-    }
+    env = gateway_env(tmp, fake_upstream.url, 2, redis_server.url)
     first = start_gateway(env, tmp / "first.log")
     second = start_gateway(env, tmp / "second.log")
     yield first, second
@@ -312,17 +306,7 @@ def test_a_key_benched_by_one_instance_is_skipped_by_the_other(pair, fake_upstre
 def test_traffic_flows_when_redis_dies_and_limits_return_with_it(fake_upstream, tmp_path):
     redis = RedisServer(free_port(), tmp_path / "redis.log").start()
     gw = start_gateway(
-        {
-            "SHIM_CLIENTS_FILE": clients_file(tmp_path),
-            "SHIM_ANTHROPIC_API_KEY": FAKE_API_KEY,
-            "SHIM_GEMINI_KEYS": ",".join(FAKE_GEMINI_KEYS),
-            "SHIM_ANTHROPIC_UPSTREAM": fake_upstream.url,
-            "SHIM_GEMINI_UPSTREAM": fake_upstream.url,
-            "SHIM_SHARED_SECRET": "",
-            "SHIM_WORKERS": "2",
-            "SHIM_STATE_URL": redis.url,
-        },
-        tmp_path / "gunicorn.log",
+        gateway_env(tmp_path, fake_upstream.url, 2, redis.url), tmp_path / "gunicorn.log"
     )
     try:
         test_id = uuid.uuid4().hex
