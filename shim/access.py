@@ -17,7 +17,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 log = logging.getLogger("shim.access")
 
@@ -65,6 +66,7 @@ class AccessRecord:
         "cache_read_tokens",
         "cache_creation_tokens",
         "stop_reason",
+        "usage_unread",
         "gemini_key_id",
         "claude_session_id",
         "quota_status",
@@ -80,6 +82,7 @@ class AccessRecord:
         "client",
         "limits",
         "lease",
+        "body",
     )
 
     def __init__(
@@ -94,11 +97,14 @@ class AccessRecord:
         self.client: str | None = None
         # Set by shim.limits when a limited call is admitted; settled as the record closes.
         self.limits = self.lease = None
+        # A streamed body that closes this record when it ends (shim.forward.UpstreamBody).
+        self.body: _Closable | None = None
         self.request_id = request_id
         self.provider = provider
         self.method = method
         self.start = self._last = time.perf_counter()
         self.route = self.model = self.stop_reason = self.error = None
+        self.usage_unread: str | None = None
         self.gemini_key_id = self.claude_session_id = None
         self.quota_status = self.quota_reset = None
         self.quota_5h_utilization = self.quota_7d_utilization = None
@@ -147,6 +153,7 @@ class AccessRecord:
             "cache_read_tokens": self.cache_read_tokens,
             "cache_creation_tokens": self.cache_creation_tokens,
             "stop_reason": self.stop_reason,
+            "usage_unread": self.usage_unread,
             "gemini_key_id": self.gemini_key_id,
             "claude_session_id": self.claude_session_id,
             "quota_status": self.quota_status,
@@ -159,6 +166,18 @@ class AccessRecord:
             fields["max_gap_ms"] = round(self.max_gap * 1000, 2)
             fields["events"] = self.events
         return fields
+
+    def end(self) -> None:
+        """Close the streamed body, if one was made, and this record: every exit path ends here."""
+        body = self.body
+        if body is not None:
+            self.body = None
+            try:
+                body.close()
+            finally:
+                self.close()
+        else:
+            self.close()
 
     def close(self) -> None:
         """Write the access line and feed the metrics, once."""
@@ -211,10 +230,48 @@ class AccessLog:
             headers.append(("X-Request-Id", request_id))
             return start_response(status, headers, exc_info)
 
-        body = self.app(environ, start)
+        try:
+            body = self.app(environ, start)
+        except BaseException as exc:
+            # Raised after the record may have a stream (a header the server refuses
+            # to relay) or while waiting for upstream (the worker stopping): the line is
+            # still written and the stream's gauge, socket and limit slot still freed.
+            record.status = 500
+            if record.error is None:
+                record.error = "unhandled_error" if isinstance(exc, Exception) else "stopping"
+            record.end()
+            raise
         if not record.deferred:
             record.close()
-        return body
+            return body
+        # A stream (or an error answer that replaced one): whatever the server does
+        # with the body, its close ends the record. Iteration goes straight to `body`.
+        return _EndsRecord(body, record)
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class _EndsRecord:
+    """A WSGI body whose ``close`` also ends its record; ``iter`` hands out the body's own."""
+
+    __slots__ = ("_body", "_record")
+
+    def __init__(self, body: Iterable[bytes], record: AccessRecord):
+        self._body = body
+        self._record = record
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._record.end()
 
 
 def client_address(environ: dict, trusted_proxies: frozenset[str]) -> str | None:

@@ -22,13 +22,12 @@ import logging
 import socket
 from collections.abc import Callable, Iterator
 
-import orjson
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter, TimeoutSauce
 from werkzeug.wrappers import Response
 
-from shim import hangup
+from shim import hangup, usage
 from shim.access import AccessRecord
 from shim.errors import (
     BadRequest,
@@ -40,7 +39,6 @@ from shim.errors import (
     UpstreamUnreachable,
 )
 from shim.providers.base import Provider
-from shim.usage import SseTap
 
 log = logging.getLogger("shim.forward")
 
@@ -167,6 +165,15 @@ class Forwarder:
     ) -> urllib3.HTTPResponse:
         try:
             return self.adapter.send(prepared, stream=True, timeout=self.timeout).raw
+        except hangup.STOPPING:
+            # The worker's grace period ended while upstream had not answered yet:
+            # the client gets the provider's 503 (retryable), not a dropped connection.
+            record.error = "worker_stopping"
+            log.warning(
+                "worker stopping before upstream answered",
+                extra={"event": "worker_stopping", "provider": provider.name},
+            )
+            raise ShuttingDown() from None
         except requests.exceptions.RequestException as exc:
             # requests' own tree, translated in this one place (Timeout first:
             # ConnectTimeout is both a Timeout and a ConnectionError).
@@ -320,41 +327,44 @@ def relay(
     if method == "HEAD":
         raw.release_conn()
         return whole_response(raw, b"")
+    content_type = raw.headers.get("content-type", "")
+    encoding = raw.headers.get("content-encoding")
     if length is not None and length.isdigit() and int(length) <= WHOLE_BODY_BYTES:
         body = read_whole(raw, provider, record)
-        if not raw.headers.get("content-encoding"):
-            _read_usage_from_json(body, raw, provider, record)
+        if provider.usage_markers and content_type.startswith("application/json"):
+            # Read from a decoded copy when compressed; the client gets `body` as sent.
+            why = usage.read_whole(body, encoding, lambda data: provider.read_usage(data, record))
+            if why is not None:
+                usage_unread(record, why)
         return whole_response(raw, body)
     headers = response_headers(raw)
     if length is None:
         # A body of unknown length is a stream: tell a proxy in front not to buffer it.
         headers.append(("X-Accel-Buffering", "no"))
-    content_type = raw.headers.get("content-type", "")
-    encoded = bool(raw.headers.get("content-encoding"))
-    # An error frame cannot be appended to, nor usage read from, a compressed body.
-    frame = None if encoded else provider.stream_error_frame
+    # An error frame cannot be appended to a compressed body: the stream is aborted instead.
+    frame = None if encoding else provider.stream_error_frame
     tap = None
-    if provider.usage_markers and not encoded and content_type.startswith("text/event-stream"):
-        tap = SseTap(provider.event_separator, provider.usage_markers)
+    if provider.usage_markers:
+        tap = usage.tap_for(
+            content_type, encoding, provider.event_separator, provider.usage_markers
+        )
     body = UpstreamBody(raw, provider, content_type, frame, record, tap, on_stream)
     body.watch_client(environ.get("gunicorn.socket"))
     return Response(body, status=status_line(raw), headers=headers, direct_passthrough=True)
 
 
-def _read_usage_from_json(
-    body: bytes, raw: urllib3.HTTPResponse, provider: Provider, record: AccessRecord
-) -> None:
-    # Model lists and token counts carry no usage: skip parsing them.
-    if b'"usage' not in body or not raw.headers.get("content-type", "").startswith(
-        "application/json"
-    ):
-        return
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return
-    if isinstance(data, dict):
-        provider.read_usage(data, record)
+def usage_unread(record: AccessRecord, why: str) -> None:
+    """Say on the access line, and in one log line, that usage could not be read."""
+    record.usage_unread = why
+    log.warning(
+        "usage not read from the answer",
+        extra={
+            "event": "usage_unread",
+            "reason": why,
+            "provider": record.provider,
+            "request_id": record.request_id,
+        },
+    )
 
 
 def read_whole(
@@ -428,7 +438,7 @@ class UpstreamBody:
         content_type: str,
         frame,  # noqa: ANN001 - the provider's stream_error_frame, or None
         record: AccessRecord,
-        tap: SseTap | None,
+        tap: usage.Tap | None,
         on_stream: StreamCounter | None = None,
     ):
         self._on_stream = on_stream
@@ -444,6 +454,7 @@ class UpstreamBody:
         self._client_gone = False
         record.stream = True
         record.deferred = True  # this body writes the access line when it ends
+        record.body = self
         if on_stream is not None:
             on_stream(provider.name, 1)
         if raw.chunked:
@@ -529,9 +540,13 @@ class UpstreamBody:
             return
         self._finished = True
         record = self._record
-        if self._tap is not None:
-            self._tap.read(lambda data: self._provider.read_usage(data, record))
-            record.events = self._tap.events
+        tap = self._tap
+        if tap is not None:
+            tap.read(lambda data: self._provider.read_usage(data, record))
+            record.events = tap.events
+            why = usage.why_unread(tap)
+            if why is not None:
+                usage_unread(record, why)
         if self._on_stream is not None:
             self._on_stream(self._provider.name, -1)
         record.close()

@@ -1,45 +1,86 @@
-"""Read token usage off a stream as it passes, without holding a byte back.
+"""Read model, token usage and stop reason off an answer as it passes, without holding a byte back.
 
-Per chunk, ``SseTap.feed`` only counts event separators and remembers the
-*last* event that carries one of the provider's markers (Anthropic's
-``message_start``/``message_delta``, Gemini's ``usageMetadata``); the few
-remembered events are JSON-parsed once, when the stream ends. The client gets
-each chunk before the tap looks at it, and the tap keeps at most one
-incomplete event (capped) between chunks.
+The client gets each chunk before a tap looks at it. Three taps:
 
-Not for Gemini's JSON-array stream (no ``alt=sse``): its elements are not
-framed as events, so usage is left empty there.
+- ``SseTap`` (``text/event-stream``): per chunk it only counts event
+  separators and remembers the *last* event carrying each of the provider's
+  markers (Anthropic's ``message_start``/``message_delta``, Gemini's
+  ``usageMetadata``); the remembered events are JSON-parsed once, when the
+  stream ends, so a stream the client abandons still reports what had passed.
+  An event is held until its end, up to ``MAX_COPY_BYTES``.
+- ``JsonTap`` (a JSON answer relayed in pieces: no Content-Length, over
+  ``WHOLE_BODY_BYTES``, or Gemini's ``streamGenerateContent`` without
+  ``alt=sse``, a JSON array): keeps a copy up to ``MAX_COPY_BYTES`` and
+  parses it at the end; an array hands each element over in order, so the
+  last cumulative count wins.
+- ``DecodedTap``: a compressed answer (gzip, deflate, br, zstd) is decoded
+  chunk by chunk (``shim.decode``, bounded) and the pieces go to one of the
+  taps above. The upstream flushes after each event, so each event is read
+  as it passes.
+
+Usage is read only from what passed; when it cannot be read (a body over the
+bound, a corrupt or unknown coding) the access line says so in
+``usage_unread`` and nothing is estimated.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import orjson
 
-MAX_TAIL_BYTES = 262_144  # an event longer than this is not a usage event
+from shim.decode import DecodeFailed, DecodeLimit, Decoder, coding_of
+
+log = logging.getLogger("shim.usage")
+
+# The most decoded text held (or decoded, for a compressed answer) for one call's usage.
+MAX_COPY_BYTES = 8 * 1_048_576
+# A compressed stream may decode to this many times its size before it is a bomb.
+MAX_RATIO = 64
+# Below this, a pending event is joined to the next chunk directly (the usual case).
+_SMALL_TAIL = 65_536
+
+OnData = Callable[[dict], None]
 
 
 class SseTap:
-    __slots__ = ("_separator", "_markers", "_tail", "kept", "events")
+    __slots__ = ("_separator", "_markers", "_tail", "_held", "_held_bytes", "kept", "events",
+                 "unread")
 
     def __init__(self, separator: bytes, markers: tuple[bytes, ...]):
         self._separator = separator
         self._markers = markers
         self._tail = b""
+        # An event larger than _SMALL_TAIL waits here in pieces (no quadratic re-joining).
+        self._held: list[bytes] = []
+        self._held_bytes = 0
         self.kept: dict[bytes, bytes] = {}
         self.events = 0
+        self.unread: str | None = None
 
     def feed(self, chunk: bytes) -> None:
         separator = self._separator
-        data = self._tail + chunk if self._tail else chunk
+        if self._held:
+            # Only the seam between the held bytes and this chunk can hide a separator.
+            seam = self._held[-1][-(len(separator) - 1) :] + chunk[: len(separator) - 1]
+            if separator not in seam and separator not in chunk:
+                self._hold(chunk)
+                return
+            data = b"".join(self._held) + chunk
+            self._held = []
+            self._held_bytes = 0
+        else:
+            data = self._tail + chunk if self._tail else chunk
         end = data.rfind(separator)
         if end < 0:
-            self._tail = data if len(data) <= MAX_TAIL_BYTES else b""
-            return
-        self._tail = data[end + len(separator) :]
-        if len(self._tail) > MAX_TAIL_BYTES:
             self._tail = b""
+            self._hold(data)
+            return
+        tail = data[end + len(separator) :]
+        self._tail = b""
+        if tail:
+            self._hold(tail)
         complete = data[:end]
         self.events += complete.count(separator) + 1
         for marker in self._markers:
@@ -48,10 +89,26 @@ class SseTap:
                 start = complete.rfind(separator, 0, at)
                 stop = complete.find(separator, at)
                 begin = start + len(separator) if start >= 0 else 0
-                event = complete[begin : stop if stop >= 0 else None]
-                self.kept[marker] = event
+                self.kept[marker] = complete[begin : stop if stop >= 0 else None]
 
-    def read(self, on_data: Callable[[dict], None]) -> None:
+    def _hold(self, data: bytes) -> None:
+        if not self._held and len(data) <= _SMALL_TAIL:
+            self._tail = data
+            return
+        if self._held_bytes + len(data) > MAX_COPY_BYTES:
+            # Too large to be read: drop it, and skip to the next separator.
+            self.unread = "event_too_large"
+            self._held = [data[-(len(self._separator) - 1) :]]
+            self._held_bytes = len(self._held[0])
+            return
+        if self._tail:
+            self._held.append(self._tail)
+            self._held_bytes += len(self._tail)
+            self._tail = b""
+        self._held.append(data)
+        self._held_bytes += len(data)
+
+    def read(self, on_data: OnData) -> None:
         """Parse the kept events' ``data:`` JSON and hand each to ``on_data``."""
         for event in self.kept.values():
             at = event.find(b"data:")
@@ -63,3 +120,135 @@ class SseTap:
                 continue
             if isinstance(payload, dict):
                 on_data(payload)
+
+
+class JsonTap:
+    """A copy of a JSON answer relayed in pieces, parsed once at its end."""
+
+    __slots__ = ("_parts", "_size", "events", "unread")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+        self.events = 0
+        self.unread: str | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self.events += 1
+        if self.unread is not None:
+            return
+        self._size += len(chunk)
+        if self._size > MAX_COPY_BYTES:
+            self.unread = "body_too_large"
+            self._parts = []
+            return
+        self._parts.append(chunk)
+
+    def read(self, on_data: OnData) -> None:
+        if self.unread is None:
+            self.unread = read_json(b"".join(self._parts), on_data)
+
+
+def read_json(body: bytes, on_data: OnData) -> str | None:
+    """Hand a JSON answer (an object, or an array of them) to ``on_data``; say if unparsable."""
+    # Model lists and token counts carry no usage: skip parsing them.
+    if b'"usage' not in body:
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return "unparsable"
+    if isinstance(data, dict):
+        on_data(data)
+    elif isinstance(data, list):
+        for item in data:
+            if isinstance(item, dict):
+                on_data(item)
+    return None
+
+
+class DecodedTap:
+    """Decodes a compressed answer chunk by chunk and feeds the pieces to ``inner``."""
+
+    __slots__ = ("_decoder", "_inner", "_seen", "unread")
+
+    def __init__(self, decoder: Decoder, inner: SseTap | JsonTap):
+        self._decoder = decoder
+        self._inner = inner
+        self._seen = 0
+        self.unread: str | None = None
+
+    @property
+    def events(self) -> int:
+        return self._inner.events
+
+    def feed(self, chunk: bytes) -> None:
+        if self.unread is not None:
+            return
+        self._seen += len(chunk)
+        decoder = self._decoder
+        # A stream may grow its budget with what passed; a bomb cannot.
+        decoder.budget = max(MAX_COPY_BYTES, MAX_RATIO * self._seen)
+        feed = self._inner.feed
+        try:
+            for piece in decoder.pieces(chunk):
+                feed(piece)
+        except DecodeLimit:
+            self.unread = "decode_limit"
+        except DecodeFailed:
+            self.unread = "decode_failed"
+
+    def read(self, on_data: OnData) -> None:
+        # What passed before a decoder stopped is still true; `unread` marks the
+        # access line, so a half read never passes for a complete one.
+        self._inner.read(on_data)
+
+
+Tap = SseTap | JsonTap | DecodedTap
+
+
+def tap_for(
+    content_type: str,
+    content_encoding: str | None,
+    separator: bytes,
+    markers: tuple[bytes, ...],
+) -> Tap | None:
+    """The tap for a relayed answer, or None when it carries no usage to read."""
+    if content_type.startswith("text/event-stream"):
+        inner: SseTap | JsonTap = SseTap(separator, markers)
+    elif content_type.startswith("application/json"):
+        inner = JsonTap()
+    else:
+        return None
+    coding = coding_of(content_encoding)
+    if coding == "":
+        return inner
+    if coding is None:
+        tap = DecodedTap(Decoder("gzip", 0), inner)
+        tap.unread = "unknown_encoding"
+        return tap
+    return DecodedTap(Decoder(coding, MAX_COPY_BYTES), inner)
+
+
+def read_whole(body: bytes, content_encoding: str | None, on_data: OnData) -> str | None:
+    """Read usage from a whole JSON answer; return why it could not be read, or None."""
+    coding = coding_of(content_encoding)
+    if coding == "":
+        return read_json(body, on_data)
+    if coding is None:
+        return "unknown_encoding"
+    decoder = Decoder(coding, MAX_COPY_BYTES)
+    try:
+        decoded = b"".join(decoder.pieces(body))
+    except DecodeLimit:
+        return "decode_limit"
+    except DecodeFailed:
+        return "decode_failed"
+    return read_json(decoded, on_data)
+
+
+def why_unread(tap: Tap) -> str | None:
+    """Why usage may be incomplete for this answer (None: all of it was read)."""
+    if isinstance(tap, DecodedTap):
+        return tap.unread or tap._inner.unread
+    return tap.unread

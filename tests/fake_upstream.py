@@ -15,7 +15,22 @@ them untouched):
   Gemini 429 with ``RetryInfo`` (``x-fake-retry-delay``, default ``30s``) and
   ``QuotaFailure`` (``x-fake-quota``, default a per-minute quota id);
 - ``x-fake-invalid-keys``: indexes of keys answered 400 ``API_KEY_INVALID``;
-- ``x-fake-scenario``: ``error:<status>`` (provider-shaped error with
+- ``x-fake-encoding``: the coding to answer with, if the request's
+  ``Accept-Encoding`` offers it (``identity`` for none). Without it the fake
+  is as rude as the real APIs: whatever the client offers, it compresses:
+  JSON as br when offered, else gzip, zstd, deflate; SSE and Gemini answers
+  as gzip when offered, else br, zstd, deflate. A stream is flushed after
+  every event (each chunk decodes on its own), and ``sent`` records, by
+  ``x-test-id``, exactly the body bytes put on the wire;
+- ``x-fake-input-tokens`` / ``x-fake-output-tokens``: the usage reported
+  (defaults 12 and 6 for Anthropic messages, 5 and 4 for Gemini);
+- ``x-fake-pad-bytes``: this much more text in the answer (JSON) or in the
+  usage-carrying event (Gemini SSE), to make big bodies and big events:
+  random base64, which barely compresses, or ``x-fake-pad-char`` repeated
+  (a decompression bomb);
+- ``x-fake-scenario``: ``chunked-json`` (a JSON answer sent chunked, no
+  Content-Length), ``bad-header`` (a stream whose headers carry a control
+  byte that gunicorn refuses to relay), ``error:<status>`` (provider-shaped error with
   ``retry-after`` and rate-limit headers), ``stall:<seconds>`` (sleep before
   headers), ``gzip`` (gzip-encoded JSON body), ``drop`` (send two events, then
   cut the TCP connection), ``stall-mid:<seconds>`` (two events, then silence),
@@ -37,6 +52,7 @@ Run standalone for manual tries: ``python -m tests.fake_upstream --port 9999``.
 from __future__ import annotations
 
 import argparse
+import base64
 import gzip
 import json
 import secrets
@@ -44,9 +60,17 @@ import select
 import socket
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+import brotli
+
+try:
+    from compression import zstd
+except ImportError:
+    from backports import zstd
 
 FAKE_API_KEY = "sk-ant-api03-fake-upstream-key-000000000000"
 FAKE_OAUTH_TOKEN = "sk-ant-oat01-fake-upstream-token-0000000000"
@@ -89,6 +113,8 @@ class FakeUpstream:
         self.stream_ends: dict[str, tuple[str, float]] = {}
         # Bytes of a bulk stream written so far, by x-test-id (backpressure shows here).
         self.bulk_sent: dict[str, int] = {}
+        # The body bytes written, as on the wire (compressed, no chunk framing), by x-test-id.
+        self.sent: dict[str, bytes] = {}
         # The OAuth token endpoint: access token -> expiry (epoch s), unused refresh tokens.
         self.oauth_access: dict[str, float] = {}
         self.oauth_refresh: set[str] = set()
@@ -142,6 +168,60 @@ class FakeUpstream:
             return [r for r in self.requests if r.headers.get("x-test-id") == marker]
 
 
+def padding(size: int, char: str | None) -> str:
+    if not size:
+        return ""
+    if char:
+        return char[0] * size
+    return base64.b64encode(secrets.token_bytes(size * 3 // 4 + 3)).decode()[:size]
+
+
+JSON_PREFERENCE = ("br", "gzip", "zstd", "deflate")
+STREAM_PREFERENCE = ("gzip", "br", "zstd", "deflate")
+
+
+def offered_codings(accept_encoding: str | None) -> list[str]:
+    """The codings an Accept-Encoding header offers (q=0 excluded), in its order."""
+    offered = []
+    for item in (accept_encoding or "").split(","):
+        name, _, params = item.strip().partition(";")
+        if name and params.replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000"):
+            offered.append(name.strip().lower())
+    return offered
+
+
+class Encoder:
+    """Compresses a body piece by piece, flushing after each so every piece decodes alone."""
+
+    def __init__(self, coding: str):
+        self.coding = coding
+        if coding == "gzip":
+            self._obj = zlib.compressobj(6, zlib.DEFLATED, 31)
+        elif coding == "deflate":
+            self._obj = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS)
+        elif coding == "br":
+            self._obj = brotli.Compressor()
+        elif coding == "zstd":
+            self._obj = zstd.ZstdCompressor()
+
+    def piece(self, data: bytes) -> bytes:
+        if self.coding in ("gzip", "deflate"):
+            return self._obj.compress(data) + self._obj.flush(zlib.Z_SYNC_FLUSH)
+        if self.coding == "br":
+            return self._obj.process(data) + self._obj.flush()
+        return self._obj.compress(data, zstd.ZstdCompressor.FLUSH_BLOCK)
+
+    def end(self) -> bytes:
+        if self.coding in ("gzip", "deflate"):
+            return self._obj.flush()
+        if self.coding == "br":
+            return self._obj.finish()
+        return self._obj.flush(zstd.ZstdCompressor.FLUSH_FRAME)
+
+    def whole(self, data: bytes) -> bytes:
+        return self.piece(data) + self.end()
+
+
 class _Handler(BaseHTTPRequestHandler):
     fake: FakeUpstream
     protocol_version = "HTTP/1.1"
@@ -176,6 +256,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.gap = int(rec.header("x-fake-gap-ms") or 0) / 1000
         self.n_events = int(rec.header("x-fake-events") or 3)
         self.scenario = rec.header("x-fake-scenario") or ""
+        self.pad = padding(int(rec.header("x-fake-pad-bytes") or 0), rec.header("x-fake-pad-char"))
+        self.offered = offered_codings(rec.header("accept-encoding"))
+        self.input_tokens = rec.header("x-fake-input-tokens")
+        self.output_tokens = rec.header("x-fake-output-tokens")
         # The two APIs share /v1/models: the credential header tells them apart.
         gemini = ("x-goog-api-key" in rec.headers or "key" in self.query
                   or parts.path.startswith("/v1beta/") or ":" in parts.path)
@@ -217,11 +301,38 @@ class _Handler(BaseHTTPRequestHandler):
             with self.fake.lock:
                 self.fake.stream_ends[marker] = (how, time.monotonic())
 
+    def _coding(self, preference: tuple[str, ...]) -> str | None:
+        """The coding to answer with: forced by x-fake-encoding, else the first offered."""
+        forced = self.rec.header("x-fake-encoding")
+        if forced:
+            return forced if forced in self.offered and forced != "identity" else None
+        if "gemini" in self.rec.path or "x-goog-api-key" in self.rec.headers:
+            preference = STREAM_PREFERENCE  # Google answers gzip when offered
+        return next((c for c in preference if c in self.offered), None)
+
+    def _record_sent(self, data: bytes) -> None:
+        marker = self.rec.header("x-test-id")
+        if marker:
+            with self.fake.lock:
+                self.fake.sent[marker] = self.fake.sent.get(marker, b"") + data
+
     def _send(self, status: int, body: bytes, content_type: str = "application/json",
               extra: list[tuple[str, str]] | None = None) -> None:
         if self.scenario == "gzip" and body:
             body = gzip.compress(body)
             extra = [*(extra or []), ("Content-Encoding", "gzip")]
+        elif body:
+            coding = self._coding(JSON_PREFERENCE)
+            if coding:
+                body = Encoder(coding).whole(body)
+                extra = [*(extra or []), ("Content-Encoding", coding)]
+        if self.scenario == "chunked-json" and self.command != "HEAD":
+            self._start_chunked(content_type, extra, status=status)
+            for at in range(0, len(body), 65_536):
+                self._chunk(body[at:at + 65_536])
+            self._end_chunked()
+            return
+        self._record_sent(body)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("request-id", "req_fake_0001")
@@ -238,8 +349,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _start_chunked(self, content_type: str, extra: list[tuple[str, str]] | None = None) -> None:
-        self.send_response(200)
+    def _start_chunked(self, content_type: str, extra: list[tuple[str, str]] | None = None,
+                       status: int = 200) -> None:
+        self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("request-id", "req_fake_stream")
@@ -250,6 +362,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _chunk(self, data: bytes) -> None:
+        if not data:
+            return  # an empty chunk would end the body
+        self._record_sent(data)
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
@@ -259,7 +374,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(self, frames: list[bytes], content_type: str) -> None:
         """Send frames one chunk each, paced by the gap, honouring mid-stream faults."""
-        self._start_chunked(content_type)
+        coding = self._coding(STREAM_PREFERENCE)
+        encoder = Encoder(coding) if coding else None
+        extra = [("Content-Encoding", coding)] if coding else []
+        if self.scenario == "bad-header":
+            extra.append(("X-Fake-Odd", "a\x01b"))  # a control byte gunicorn refuses to relay
+        self._start_chunked(content_type, extra)
         for index, frame in enumerate(frames):
             if index and self.gap:
                 time.sleep(self.gap)
@@ -271,7 +391,9 @@ class _Handler(BaseHTTPRequestHandler):
             if index == 2 and self.scenario.startswith("stall-mid:"):
                 if self._quiet(float(self.scenario.split(":", 1)[1])):
                     return
-            self._chunk(frame)
+            self._chunk(encoder.piece(frame) if encoder else frame)
+        if encoder:
+            self._chunk(encoder.end())
         self._end_chunked()
         self._stream_ended("complete")
 
@@ -367,8 +489,12 @@ class _Handler(BaseHTTPRequestHandler):
             if request.get("stream"):
                 if self.scenario.startswith("bulk:"):
                     return self._bulk(int(self.scenario.split(":")[1]))
-                return self._stream(anthropic_events(request, self.n_events), "text/event-stream; charset=utf-8")
-            return self._send(200, json.dumps(anthropic_message(request)).encode(),
+                events = anthropic_events(request, self.n_events, int(self.input_tokens or 12),
+                                          self.output_tokens and int(self.output_tokens))
+                return self._stream(events, "text/event-stream; charset=utf-8")
+            message = anthropic_message(request, int(self.input_tokens or 12),
+                                        int(self.output_tokens or 6), self.pad)
+            return self._send(200, json.dumps(message).encode(),
                               extra=[("anthropic-ratelimit-unified-status", "allowed")])
         if path == "/v1/messages/count_tokens" and self.command == "POST":
             return self._send(200, json.dumps({"input_tokens": 3 + len(self.rec.body) // 4}).encode())
@@ -390,6 +516,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(body).encode())
 
     # -- Gemini --------------------------------------------------------------
+    def _gemini_usage(self) -> dict:
+        prompt, output = int(self.input_tokens or 5), int(self.output_tokens or 4)
+        return {"promptTokenCount": prompt, "candidatesTokenCount": output,
+                "totalTokenCount": prompt + output}
+
     def _gemini(self, path: str) -> None:
         if self.rec.header("x-goog-api-key") not in FAKE_GEMINI_KEYS or "key" in self.query:
             return self._error(401 if "x-goog-api-key" not in self.rec.headers else 400, True,
@@ -424,9 +555,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(400, True, "Invalid JSON payload received.")
         if action == "generateContent":
             text = gemini_text(request)
-            return self._send(200, json.dumps(gemini_response(model, text, True)).encode())
+            answer = gemini_response(model, text + self.pad, True, self._gemini_usage())
+            return self._send(200, json.dumps(answer).encode())
         if action == "streamGenerateContent":
-            pieces = gemini_stream(model, self.n_events)
+            pieces = gemini_stream(model, self.n_events, self._gemini_usage())
+            if self.pad:
+                pieces[-1]["candidates"][0]["content"]["parts"][0]["text"] += self.pad
             if self.query.get("alt") == ["sse"]:
                 frames = [b"data: " + json.dumps(p).encode() + b"\r\n\r\n" for p in pieces]
                 return self._stream(frames, "text/event-stream")
@@ -451,13 +585,15 @@ def anthropic_model(model: str) -> dict:
             "created_at": "2025-09-29T00:00:00Z"}
 
 
-def anthropic_message(request: dict) -> dict:
+def anthropic_message(request: dict, input_tokens: int = 12, output_tokens: int = 6,
+                      pad: str = "") -> dict:
     return {
         "id": "msg_fake_0001", "type": "message", "role": "assistant",
         "model": request.get("model", "claude-sonnet-4-5"),
-        "content": [{"type": "text", "text": "Hello from fake Claude."}],
+        "content": [{"type": "text", "text": "Hello from fake Claude." + pad}],
         "stop_reason": "end_turn", "stop_sequence": None,
-        "usage": {"input_tokens": 12, "output_tokens": 6, "cache_read_input_tokens": 0,
+        "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
+                  "cache_read_input_tokens": 0,
                   "cache_creation_input_tokens": 0},
     }
 
@@ -466,11 +602,13 @@ def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-def anthropic_events(request: dict, deltas: int) -> list[bytes]:
+def anthropic_events(request: dict, deltas: int, input_tokens: int = 12,
+                     output_tokens: int | None = None) -> list[bytes]:
     model = request.get("model", "claude-sonnet-4-5")
     message = {"id": "msg_fake_stream", "type": "message", "role": "assistant", "model": model,
                "content": [], "stop_reason": None, "stop_sequence": None,
-               "usage": {"input_tokens": 12, "output_tokens": 1, "cache_read_input_tokens": 0,
+               "usage": {"input_tokens": input_tokens, "output_tokens": 1,
+                         "cache_read_input_tokens": 0,
                          "cache_creation_input_tokens": 0}}
     frames = [
         _sse("message_start", {"type": "message_start", "message": message}),
@@ -486,7 +624,8 @@ def anthropic_events(request: dict, deltas: int) -> list[bytes]:
         _sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
         _sse("message_delta", {"type": "message_delta",
                                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                               "usage": {"output_tokens": deltas}}),
+                               "usage": {"output_tokens": deltas if output_tokens is None
+                                         else output_tokens}}),
         _sse("message_stop", {"type": "message_stop"}),
     ]
     return frames
@@ -498,12 +637,13 @@ def gemini_model(model: str) -> dict:
             "supportedGenerationMethods": ["generateContent", "countTokens"]}
 
 
-def gemini_response(model: str, text: str, last: bool) -> dict:
+def gemini_response(model: str, text: str, last: bool, usage: dict | None = None) -> dict:
     candidate = {"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}
     if last:
         candidate["finishReason"] = "STOP"
     return {"candidates": [candidate],
-            "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 4, "totalTokenCount": 9},
+            "usageMetadata": usage or {"promptTokenCount": 5, "candidatesTokenCount": 4,
+                                       "totalTokenCount": 9},
             "modelVersion": model}
 
 
@@ -524,8 +664,8 @@ def gemini_text(request: dict) -> str:
     return "Hello from fake Gemini."
 
 
-def gemini_stream(model: str, pieces: int) -> list[dict]:
-    return [gemini_response(model, f"chunk{i} ", i == pieces - 1) for i in range(pieces)]
+def gemini_stream(model: str, pieces: int, usage: dict | None = None) -> list[dict]:
+    return [gemini_response(model, f"chunk{i} ", i == pieces - 1, usage) for i in range(pieces)]
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import socket
 import time
 
 import anthropic
+import httpx2
 import pytest
 
 from tests.conftest import ALL_SECRETS, SECRET
@@ -225,14 +226,24 @@ def test_stall_mid_stream_ends_with_an_error_event(gateway, fake_upstream, test_
     assert json.loads(last.split(b"data: ", 1)[1])["error"]["type"] == "timeout_error"
 
 
-def test_sdk_sees_a_failure_when_upstream_drops_mid_stream(gateway, test_id):
+@pytest.mark.parametrize(
+    ("encoding", "failure"),
+    [
+        # Identity: shim appends the provider's `event: error` frame.
+        ("identity", anthropic.APIError),
+        # Compressed: a frame cannot be appended to upstream's compressed stream,
+        # so the chunked body is aborted and the transport raises.
+        ("gzip", httpx2.RemoteProtocolError),
+    ],
+)
+def test_sdk_sees_a_failure_when_upstream_drops_mid_stream(gateway, test_id, encoding, failure):
     client = sdk(gateway, test_id)
-    with pytest.raises(anthropic.APIError):
+    with pytest.raises(failure):
         with client.messages.stream(
             model=MODEL,
             max_tokens=16,
             messages=MESSAGES,
-            extra_headers={"x-fake-scenario": "drop"},
+            extra_headers={"x-fake-scenario": "drop", "x-fake-encoding": encoding},
         ) as stream:
             for _ in stream:
                 pass

@@ -35,7 +35,12 @@ def test_every_runtime_dependency_is_pinned_and_gunicorn_is_past_the_smuggling_f
     assert Version(REQUIREMENTS["gunicorn"]) >= Version("23")
 
 
-IMPORTED_AS = {"Flask": "flask", "Werkzeug": "werkzeug", "prometheus-client": "prometheus_client"}
+IMPORTED_AS = {
+    "Flask": "flask",
+    "Werkzeug": "werkzeug",
+    "prometheus-client": "prometheus_client",
+    "backports.zstd": "backports",
+}
 # Used by another dependency rather than imported by shim itself.
 INDIRECT = {
     "packaging": "gunicorn's gevent worker imports it (gunicorn >= 23)",

@@ -1,0 +1,177 @@
+"""Decode a compressed answer incrementally, in bounded steps, for the usage reader only.
+
+The client always gets the upstream's bytes as they were sent (its own
+``Content-Encoding``); this module makes a *decoded copy* so that model,
+token usage and stop reason can be read from gzip, deflate, br and zstd
+answers. Two bounds make a decompression bomb harmless:
+
+- no single step yields more than ``PIECE_BYTES`` (every decoder is asked
+  for at most that much output, and the rest of its input waits inside it),
+  so memory never holds more than one piece of decoded text at a time;
+- a call decodes at most ``budget`` bytes in all; past that ``pieces``
+  raises ``DecodeLimit`` and the caller stops decoding (and logs it).
+
+Decoders: zlib (standard library) for gzip and deflate, ``brotli`` >= 1.2
+(``output_buffer_limit``) for br, and ``compression.zstd`` (``backports.zstd``
+before Python 3.14) for zstd: it is the zstd binding that can bound its
+output per call (``max_length``), which the ``zstandard`` package's
+streaming decompressor cannot. urllib3 2.6+ picked the same pair for the
+same reason.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+
+import brotli
+
+try:
+    from compression import zstd  # type: ignore[import-not-found]  # Python 3.14+
+except ImportError:
+    from backports import zstd  # type: ignore[import-not-found,no-redef]
+
+# At most this much decoded text is produced (and held) per step.
+PIECE_BYTES = 65_536
+CODINGS = ("gzip", "x-gzip", "deflate", "br", "zstd")
+
+
+class DecodeLimit(Exception):
+    """The call's decoded copy reached its budget; stop decoding it."""
+
+
+class DecodeFailed(Exception):
+    """The body is not valid data of its declared coding."""
+
+
+class Decoder:
+    """One answer's incremental decoder: feed compressed chunks, get decoded pieces."""
+
+    __slots__ = ("_step", "budget", "decoded")
+
+    def __init__(self, coding: str, budget: int):
+        steps = {
+            "gzip": _Gzip,
+            "x-gzip": _Gzip,
+            "deflate": _Deflate,
+            "br": _Brotli,
+            "zstd": _Zstd,
+        }
+        self._step = steps[coding]()
+        self.budget = budget
+        self.decoded = 0
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        """Yield ``data`` decoded, piece by piece; raise DecodeLimit past the budget."""
+        try:
+            for piece in self._step.pieces(data):
+                self.decoded += len(piece)
+                if self.decoded > self.budget:
+                    raise DecodeLimit(self.decoded)
+                yield piece
+        except (zlib.error, brotli.error, zstd.ZstdError, EOFError) as exc:
+            raise DecodeFailed(type(exc).__name__) from None
+
+
+def coding_of(content_encoding: str | None) -> str | None:
+    """The single coding a decoder exists for, "" for identity, None when not decodable."""
+    if not content_encoding:
+        return ""
+    coding = content_encoding.strip().lower()
+    if coding == "identity":
+        return ""
+    return coding if coding in CODINGS else None
+
+
+class _Gzip:
+    __slots__ = ("_obj",)
+
+    def __init__(self) -> None:
+        self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        obj = self._obj
+        while True:
+            out = obj.decompress(data, PIECE_BYTES)
+            if out:
+                yield out
+            data = obj.unconsumed_tail
+            if obj.eof and obj.unused_data:
+                # Several gzip members back to back make one body (RFC 1952).
+                data = obj.unused_data
+                obj = self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                continue
+            if not data and len(out) < PIECE_BYTES:
+                return
+
+
+class _Deflate:
+    """HTTP "deflate" is zlib-wrapped by the RFC, raw deflate by some servers: take either."""
+
+    __slots__ = ("_obj", "_head")
+
+    def __init__(self) -> None:
+        self._obj: zlib._Decompress | None = None
+        self._head = b""
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        if self._obj is None:
+            data = self._head + data
+            if len(data) < 2:
+                self._head = data  # the two header bytes tell the variant apart
+                return
+            # A zlib header: CM=8 and the 16-bit header a multiple of 31 (RFC 1950).
+            wrapped = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+            self._obj = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+        obj = self._obj
+        while True:
+            out = obj.decompress(data, PIECE_BYTES)
+            if out:
+                yield out
+            data = obj.unconsumed_tail
+            if not data and len(out) < PIECE_BYTES:
+                return
+
+
+class _Brotli:
+    __slots__ = ("_obj",)
+
+    def __init__(self) -> None:
+        self._obj = brotli.Decompressor()
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        obj = self._obj
+        out = obj.process(data, output_buffer_limit=PIECE_BYTES)
+        if out:
+            yield out
+        # Output stops short of the limit only when the input is used up; at the
+        # limit, the rest waits inside and comes out with empty input.
+        while len(out) >= PIECE_BYTES and not obj.is_finished():
+            out = obj.process(b"", output_buffer_limit=PIECE_BYTES)
+            if out:
+                yield out
+
+
+class _Zstd:
+    __slots__ = ("_obj",)
+
+    def __init__(self) -> None:
+        self._obj = zstd.ZstdDecompressor()
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        obj = self._obj
+        while True:
+            if obj.eof:
+                # A next frame: zstd bodies may be several frames back to back.
+                obj = self._obj = zstd.ZstdDecompressor()
+            out = obj.decompress(data, PIECE_BYTES)
+            if out:
+                yield out
+            if obj.eof:
+                data = obj.unused_data
+                if not data:
+                    return
+                continue
+            if obj.needs_input:
+                return
+            data = b""
