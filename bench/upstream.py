@@ -6,7 +6,10 @@ Answers both APIs' shapes from canned bytes:
 - a stream (``"stream": true`` or ``:streamGenerateContent``) gets SSE deltas,
   ``x-bench-deltas`` of them (default 20), ``x-bench-interval-ms`` apart
   (default 100), each carrying the upstream's send time (``time.time()``) as
-  its text, so a client can measure delay = arrival - stamp.
+  its text, so a client can measure delay = arrival - stamp;
+- ``x-bench-encoding`` (gzip, deflate, br, zstd) compresses the answer as the
+  real APIs do when the client offers it: JSON whole, a stream flushed after
+  every event (each chunk decodes on its own). Used by bench/usage.py.
 
 Usage: python bench/upstream.py PORT
 """
@@ -16,6 +19,14 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import zlib
+
+import brotli
+
+try:
+    from compression import zstd  # type: ignore[import-not-found]
+except ImportError:
+    from backports import zstd  # type: ignore[import-not-found,no-redef]
 
 JSON_BODY = (
     b'{"id":"msg_1","type":"message","role":"assistant","model":"claude-bench",'
@@ -45,8 +56,60 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-async def stream(writer: asyncio.StreamWriter, deltas: int, interval: float, gemini: bool) -> None:
-    writer.write(STREAM_HEAD)
+class Encoder:
+    """Per-event compression with a flush after each piece, as the real upstreams stream."""
+
+    def __init__(self, coding: str):
+        self.coding = coding
+        if coding in ("gzip", "deflate"):
+            self._obj = zlib.compressobj(6, zlib.DEFLATED, 31 if coding == "gzip" else 15)
+        elif coding == "br":
+            self._obj = brotli.Compressor(quality=4)
+        else:
+            self._obj = zstd.ZstdCompressor()
+
+    def piece(self, data: bytes) -> bytes:
+        if self.coding in ("gzip", "deflate"):
+            return self._obj.compress(data) + self._obj.flush(zlib.Z_SYNC_FLUSH)
+        if self.coding == "br":
+            return self._obj.process(data) + self._obj.flush()
+        return self._obj.compress(data, zstd.ZstdCompressor.FLUSH_BLOCK)
+
+    def end(self) -> bytes:
+        if self.coding in ("gzip", "deflate"):
+            return self._obj.flush()
+        if self.coding == "br":
+            return self._obj.finish()
+        return self._obj.flush(zstd.ZstdCompressor.FLUSH_FRAME)
+
+
+def json_response(coding: str) -> bytes:
+    encoder = Encoder(coding)
+    body = encoder.piece(JSON_BODY) + encoder.end()
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nrequest-id: req_bench\r\n"
+        b"Content-Encoding: %s\r\nContent-Length: %d\r\n\r\n%s"
+        % (coding.encode(), len(body), body)
+    )
+
+
+JSON_RESPONSES = {c: json_response(c) for c in ("gzip", "deflate", "br", "zstd")}
+
+
+async def stream(
+    writer: asyncio.StreamWriter, deltas: int, interval: float, gemini: bool, coding: str = ""
+) -> None:
+    encoder = Encoder(coding) if coding else None
+    if encoder is None:
+        writer.write(STREAM_HEAD)
+    else:
+        writer.write(STREAM_HEAD[:-2] + b"Content-Encoding: %s\r\n\r\n" % coding.encode())
+
+    def chunk(data: bytes) -> bytes:  # noqa: F811 - the coded variant of the module's chunk
+        if encoder is not None:
+            data = encoder.piece(data)
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
     if not gemini:
         writer.write(chunk(START))
     for index in range(deltas):
@@ -68,6 +131,9 @@ async def stream(writer: asyncio.StreamWriter, deltas: int, interval: float, gem
         await writer.drain()
     if not gemini:
         writer.write(chunk(END))
+    if encoder is not None:
+        tail = encoder.end()
+        writer.write(b"%x\r\n%s\r\n" % (len(tail), tail))
     writer.write(b"0\r\n\r\n")
     await writer.drain()
 
@@ -85,15 +151,17 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             length = int(headers.get(b"content-length", b"0"))
             body = await reader.readexactly(length) if length else b""
             gemini = b":streamGenerateContent" in path
+            coding = headers.get(b"x-bench-encoding", b"").decode()
             if gemini or b'"stream":true' in body.replace(b" ", b""):
                 await stream(
                     writer,
                     int(headers.get(b"x-bench-deltas", b"20")),
                     int(headers.get(b"x-bench-interval-ms", b"100")) / 1000,
                     gemini,
+                    coding,
                 )
             else:
-                writer.write(JSON_RESPONSE)
+                writer.write(JSON_RESPONSES[coding] if coding else JSON_RESPONSE)
             if headers.get(b"connection", b"").lower() == b"close":
                 await writer.drain()
                 writer.close()

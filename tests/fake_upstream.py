@@ -114,7 +114,7 @@ class FakeUpstream:
         # Bytes of a bulk stream written so far, by x-test-id (backpressure shows here).
         self.bulk_sent: dict[str, int] = {}
         # The body bytes written, as on the wire (compressed, no chunk framing), by x-test-id.
-        self.sent: dict[str, bytes] = {}
+        self.sent: dict[str, bytearray] = {}
         # The OAuth token endpoint: access token -> expiry (epoch s), unused refresh tokens.
         self.oauth_access: dict[str, float] = {}
         self.oauth_refresh: set[str] = set()
@@ -314,7 +314,7 @@ class _Handler(BaseHTTPRequestHandler):
         marker = self.rec.header("x-test-id")
         if marker:
             with self.fake.lock:
-                self.fake.sent[marker] = self.fake.sent.get(marker, b"") + data
+                self.fake.sent.setdefault(marker, bytearray()).extend(data)
 
     def _send(self, status: int, body: bytes, content_type: str = "application/json",
               extra: list[tuple[str, str]] | None = None) -> None:

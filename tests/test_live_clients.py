@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,16 @@ def test_claude_code_print_mode_streams_through_the_gateway(
     # Model discovery asked the gateway for the model list.
     listed = any(r.path == "/v1/models" and "limit=1000" in r.query for r in seen)
     assert listed == discovery
+    # Claude Code offers compression, the fake compresses as the real API does, and
+    # shim still reads the stream's usage (from a decoded copy) into its access line.
+    streamed = [r for r in messages if json.loads(r.body).get("stream")]
+    assert "gzip" in streamed[0].header("accept-encoding")
+    session = streamed[0].header("x-claude-code-session-id")
+    assert session
+    line = access_line(gateway, lambda line: line["claude_session_id"] == session
+                       and line["stream"])
+    assert (line["input_tokens"], line["stop_reason"], line["usage_unread"]) == (12, "end_turn",
+                                                                                  None)
 
 
 def test_gemini_cli_prompt_streams_through_the_gateway(gateway, fake_upstream, tmp_path, test_id):
@@ -109,6 +121,7 @@ def test_gemini_cli_prompt_streams_through_the_gateway(gateway, fake_upstream, t
         GEMINI_CLI_TRUST_WORKSPACE="true",
         GEMINI_TELEMETRY_ENABLED="false",
     )
+    started = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     result = run([str(BIN / "gemini"), "-p", "say hi"], env, tmp_path)
 
     assert result.returncode == 0, result.stderr[-2000:]
@@ -118,3 +131,22 @@ def test_gemini_cli_prompt_streams_through_the_gateway(gateway, fake_upstream, t
     for request in seen:
         assert request.header("x-goog-api-key") in FAKE_GEMINI_KEYS
         assert SECRET not in json.dumps(request.headers) + request.query
+    # The CLI offers compression; the fake compressed the stream; shim read its usage.
+    streamed = [r for r in seen if r.path.endswith(":streamGenerateContent")]
+    assert "gzip" in streamed[-1].header("accept-encoding")
+    line = access_line(gateway, lambda line: line["provider"] == "gemini" and line["stream"]
+                       and line["ts"] >= started, newest=True)
+    assert (line["input_tokens"], line["stop_reason"], line["usage_unread"]) == (5, "STOP", None)
+
+
+def access_line(gateway, match, newest: bool = False) -> dict:
+    """The first (or newest) access line ``match`` accepts, waiting up to 5 s for it."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [json.loads(text) for text in gateway.log_text().splitlines()
+                 if '"event":"access"' in text]
+        found = [line for line in lines if match(line)]
+        if found:
+            return found[-1] if newest else found[0]
+        assert time.monotonic() < deadline, "no matching access line"
+        time.sleep(0.1)
