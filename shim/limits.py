@@ -13,8 +13,19 @@ before anything is sent upstream.
   even pace; ``Retry-After`` says when the next call fits.
 - ``tokens_per_day``: tokens the provider reported (input + output + cache
   reads and writes, from the usage shim already reads off every answer) per
-  UTC day. Checked before a call and counted when it ends, so the call that
-  crosses the line completes; the next one is refused until UTC midnight.
+  UTC day, counted on the day the call ends. A call's size is only known when
+  it ends, so while in flight each call holds a *reservation* of
+  ``r = max(tokens_per_day // 32, the client's largest call in the last two
+  UTC days, 1)`` tokens, and a call is admitted only while ``used + the
+  reservations of the calls in flight < tokens_per_day`` (issue #13): many
+  parallel calls cannot all slip in before any is counted. When a call ends
+  its reservation is replaced by its real count. Bound: the day's total
+  exceeds the limit by less than ``r`` of the last call admitted, plus
+  whatever the calls then in flight used beyond their own reservations (none
+  unless one was bigger than every call of the two days before it). Refused because the day is used
+  up: ``Retry-After`` until 00:00 UTC; refused because reservations of calls
+  in flight fill it: ``IN_FLIGHT_RETRY_S``, as they free when those calls end.
+  Reservations expire with the lease, like slots.
 
 Where the counts live is ``shim.state`` (per worker, or Redis shared by
 every worker and instance). When the state store fails, limits fail *open*:
@@ -43,9 +54,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shim.limits")
 
-# How long a concurrency slot lasts if its call never reports its end (the
-# instance died): long enough for any sane stream, short enough to recover.
+# How long a concurrency slot (and a token reservation) lasts if its call never
+# reports its end (the instance died): long enough for any sane stream, short
+# enough to recover.
 LEASE_S = 900.0
+# Retry-After when the budget is held by reservations of calls in flight, not
+# used up: those free as soon as the calls end.
+IN_FLIGHT_RETRY_S = 2.0
 # A failing state store is logged at most this often per worker.
 WARN_EVERY_S = 10.0
 _NAMES = ("concurrency", "rpm", "tokens_per_day")
@@ -82,25 +97,44 @@ def parse_limits(words: list[str]) -> Limits:
 
 
 class Admission(NamedTuple):
-    """A state store's answer: ``limit`` names the one exceeded ("" when admitted)."""
+    """A state store's answer: ``limit`` names the one exceeded ("" when admitted).
+
+    ``reserved``: tokens the admitted call holds while in flight; ``in_flight``:
+    refused for tokens held by calls in flight rather than tokens used.
+    """
 
     limit: str
     retry_after: float = 0.0
+    reserved: int = 0
+    in_flight: bool = False
+
+
+class Lease(NamedTuple):
+    """What an admitted call holds in the store, kept in ``record.lease`` until it ends."""
+
+    id: str
+    reserved: int = 0  # tokens reserved against tokens_per_day
+
+    @property
+    def member(self) -> str:
+        """The call's member of the client's slots zset in Redis."""
+        return f"{self.id}:{self.reserved}"
 
 
 ADMITTED = Admission("")
 
 
 class LimitExceeded(RateLimited):
-    def __init__(self, limit: str, retry_after: float):
+    def __init__(self, limit: str, retry_after: float, in_flight: bool = False):
         messages = {
             "concurrency": "Too many concurrent requests for this client; retry shortly.",
             "rpm": "Request rate limit for this client reached; retry later.",
             "tokens_per_day": "Daily token limit for this client reached; retry after 00:00 UTC.",
         }
-        super().__init__(
-            messages[limit], headers=(("Retry-After", str(max(1, math.ceil(retry_after)))),)
-        )
+        message = messages[limit]
+        if in_flight:
+            message = "Daily token limit for this client is held by calls in flight; retry shortly."
+        super().__init__(message, headers=(("Retry-After", str(max(1, math.ceil(retry_after)))),))
         self.limit = limit
 
 
@@ -144,9 +178,9 @@ class Limiter:
             return
         client = record.client or ""
         self._leases += 1
-        lease = f"{self._lease_prefix}{self._leases}"
+        lease_id = f"{self._lease_prefix}{self._leases}"
         try:
-            admission = self.state.admit(client, limits, lease, self._clock())
+            admission = self.state.admit(client, limits, lease_id, self._clock())
         except StateUnavailable as exc:
             self._state_failed("admit", exc)
             return  # fail open: the call is served unlimited
@@ -160,22 +194,23 @@ class Limiter:
                     "client": client,
                     "limit": admission.limit,
                     "retry_after_s": round(admission.retry_after, 2),
+                    "in_flight": admission.in_flight,
                 },
             )
             record.error = f"limit_{admission.limit}"
-            raise LimitExceeded(admission.limit, admission.retry_after)
+            raise LimitExceeded(admission.limit, admission.retry_after, admission.in_flight)
         record.limits = limits
-        record.lease = lease
+        record.lease = Lease(lease_id, admission.reserved)
 
     def finish(self, record: AccessRecord) -> None:
-        """Release the call's slot and count its tokens (called once, as its record closes)."""
+        """Release the call's slot and reservation and count its tokens, once, as it closes."""
         limits, lease = record.limits, record.lease
         if limits is None or lease is None:
             return
         record.limits = record.lease = None
-        tokens = tokens_used(record) if limits.tokens_per_day else 0
-        if not limits.concurrency and not tokens:
+        if not limits.concurrency and not limits.tokens_per_day:
             return  # rpm only: nothing to release or count, no round trip
+        tokens = tokens_used(record) if limits.tokens_per_day else 0
         try:
             self.state.finish(record.client or "", limits, lease, tokens, self._clock())
         except StateUnavailable as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 
@@ -12,7 +13,9 @@ from shim.access import AccessRecord
 from shim.clients import ClientsFileError, parse_clients
 from shim.keys import KeyPool
 from shim.limits import (
+    IN_FLIGHT_RETRY_S,
     LEASE_S,
+    Lease,
     Limiter,
     LimitExceeded,
     Limits,
@@ -48,7 +51,7 @@ def test_concurrency_counts_calls_in_flight_and_frees_a_slot_when_one_ends(store
     assert store.admit(client, limits, "b", NOON).limit == ""
     refused = store.admit(client, limits, "c", NOON + 1)
     assert refused.limit == "concurrency" and refused.retry_after == 1.0
-    store.finish(client, limits, "a", 0, NOON + 2)
+    store.finish(client, limits, Lease("a"), 0, NOON + 2)
     assert store.admit(client, limits, "c", NOON + 2).limit == ""
     assert store.admit(client, limits, "d", NOON + 2).limit == "concurrency"
 
@@ -79,21 +82,97 @@ def test_a_refused_call_does_not_use_up_rate_or_slots(store, client):
     limits = Limits(concurrency=1, rpm=2)
     assert store.admit(client, limits, "a", NOON).limit == ""
     assert store.admit(client, limits, "b", NOON).limit == "concurrency"
-    store.finish(client, limits, "a", 0, NOON)
+    store.finish(client, limits, Lease("a"), 0, NOON)
     # The refused call took no rate: the second of two per minute is still there.
     assert store.admit(client, limits, "c", NOON).limit == ""
 
 
+def held(store, client: str, limits: Limits, lease_id: str, now: float) -> Lease:
+    """Admit one call and return the lease the Limiter would keep for it."""
+    admission = store.admit(client, limits, lease_id, now)
+    assert admission.limit == "", admission
+    return Lease(lease_id, admission.reserved)
+
+
 def test_tokens_per_day_refuse_after_the_day_is_used_up_until_utc_midnight(store, client):
     limits = Limits(tokens_per_day=100)
-    assert store.admit(client, limits, "a", NOON).limit == ""
-    store.finish(client, limits, "a", 60, NOON)
-    assert store.admit(client, limits, "b", NOON + 1).limit == ""
-    store.finish(client, limits, "b", 60, NOON + 1)  # the call that crosses the line completes
+    store.finish(client, limits, held(store, client, limits, "a", NOON), 60, NOON)
+    # The call that crosses the line completes.
+    store.finish(client, limits, held(store, client, limits, "b", NOON + 1), 60, NOON + 1)
     refused = store.admit(client, limits, "c", NOON + 2)
     assert refused.limit == "tokens_per_day"
     assert refused.retry_after == pytest.approx(43_200 - 2)
     assert store.admit(client, limits, "d", NOON + 43_200).limit == ""
+
+
+def test_calls_in_flight_hold_reservations_that_stop_admission_before_any_is_counted(store, client):
+    limits = Limits(tokens_per_day=320)  # r = 320 // 32 = 10 while no call is larger
+    leases = []
+    for index in range(40):  # all in flight at once: none has finished
+        admission = store.admit(client, limits, f"a{index}", NOON)
+        if admission.limit:
+            break
+        assert admission.reserved == 10
+        leases.append(Lease(f"a{index}", admission.reserved))
+    assert len(leases) == 32  # 0 used + 31 x 10 in flight < 320; 32 x 10 is not
+    assert admission == ("tokens_per_day", IN_FLIGHT_RETRY_S, 0, True)
+    for lease in leases:
+        store.finish(client, limits, lease, 7, NOON + 1)  # real counts replace reservations
+    # 224 used, nothing in flight: (320 - 224) / 10 -> 10 more in flight, then refused.
+    second = [store.admit(client, limits, f"b{index}", NOON + 2) for index in range(11)]
+    assert [a.limit for a in second] == [""] * 10 + ["tokens_per_day"]
+    for index, admission in enumerate(second[:10]):
+        store.finish(client, limits, Lease(f"b{index}", admission.reserved), 7, NOON + 3)
+    # 294 used: one more call fits; it reports 30, 4 over the day (< r + its excess of 20).
+    store.finish(client, limits, held(store, client, limits, "c", NOON + 4), 30, NOON + 4)
+    refused = store.admit(client, limits, "d", NOON + 5)
+    assert refused.limit == "tokens_per_day" and not refused.in_flight
+    assert refused.retry_after == pytest.approx(43_200 - 5)
+
+
+def test_parallel_admits_from_many_instances_never_reserve_past_the_budget(redis_server, client):
+    limits = Limits(tokens_per_day=320)
+    admitted: list[str] = []
+
+    def box(name: str) -> None:  # one instance: its own connection, ten calls at once
+        store = RedisState(redis_server.url)
+        for index in range(10):
+            if store.admit(client, limits, f"{name}.{index}", NOON).limit == "":
+                admitted.append(f"{name}.{index}")
+
+    threads = [threading.Thread(target=box, args=(f"box{n}",)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(admitted) == 32
+    assert int(redis_server.command("GET", f"shim:{{{client}}}:reserved").split()[1]) == 320
+
+
+def test_the_reservation_grows_to_the_largest_call_of_the_last_two_days(store, client):
+    limits = Limits(tokens_per_day=3200)  # r = 100
+    store.finish(client, limits, held(store, client, limits, "a", NOON), 500, NOON)
+    store.finish(client, limits, held(store, client, limits, "b", NOON), 40, NOON)
+    assert held(store, client, limits, "c", NOON + 1).reserved == 500
+    assert held(store, client, limits, "d", NOON + 86_400).reserved == 500  # yesterday's
+    assert held(store, client, limits, "e", NOON + 2 * 86_400).reserved == 100
+    # A call that used nothing (failed upstream) still gives its reservation back.
+    lease = held(store, client, limits, "f", NOON + 3 * 86_400)
+    fill = [store.admit(client, limits, f"g{i}", NOON + 3 * 86_400).limit for i in range(32)]
+    assert fill == [""] * 31 + ["tokens_per_day"]  # 32 x 100 in flight fill the 3200
+    store.finish(client, limits, lease, 0, NOON + 3 * 86_400)
+    assert store.admit(client, limits, "h", NOON + 3 * 86_400).limit == ""
+
+
+def test_a_reservation_nobody_released_expires_with_its_lease(store, client):
+    limits = Limits(concurrency=100, tokens_per_day=100)  # r = 3: 34 fit in flight
+    for index in range(34):
+        assert store.admit(client, limits, f"crashed{index}", NOON).limit == ""
+    assert store.admit(client, limits, "x", NOON + LEASE_S - 1).in_flight
+    later = NOON + LEASE_S + 1
+    # Expired leases gave back exactly what they held: the same 34 fit again.
+    outcomes = [store.admit(client, limits, f"y{i}", later).limit for i in range(35)]
+    assert outcomes == [""] * 34 + ["tokens_per_day"]
 
 
 def test_clients_do_not_share_counts(store, client):
@@ -177,6 +256,22 @@ def test_limiter_settles_slots_and_tokens_when_the_record_closes(client):
     with pytest.raises(LimitExceeded) as caught:
         limiter.admit(record_for(client), limits)
     assert caught.value.limit == "tokens_per_day"
+
+
+def test_limiter_keeps_the_reservation_in_the_lease_and_says_when_to_retry(client):
+    limiter = Limiter(MemoryState(), clock=lambda: NOON)
+    limits = Limits(tokens_per_day=64)  # r = 2: 32 calls fit in flight
+    records = [record_for(client) for _ in range(32)]
+    for record in records:
+        limiter.admit(record, limits)
+    assert records[0].lease.reserved == 2 and records[0].lease.id != records[1].lease.id
+    refused = record_for(client)
+    with pytest.raises(LimitExceeded) as caught:
+        limiter.admit(refused, limits)
+    assert caught.value.headers == (("Retry-After", "2"),)
+    assert "in flight" in caught.value.message and refused.error == "limit_tokens_per_day"
+    limiter.finish(records[0])  # no usage reported: the reservation is simply given back
+    limiter.admit(record_for(client), limits)
 
 
 def test_limiter_without_limits_never_touches_the_store():
