@@ -31,6 +31,14 @@ Where the counts live is ``shim.state`` (per worker, or Redis shared by
 every worker and instance). When the state store fails, limits fail *open*:
 the call is served, a warning is logged (at most every 10 s per worker) and
 ``shim_state_errors_total`` counts it. Authentication never depends on it.
+A *settle* (slot and reservation released, tokens counted) that fails is not
+dropped: it waits in a per-worker queue (at most ``MAX_PENDING_SETTLES``, the
+oldest dropped beyond that, logged and counted) and is retried once the store
+answers again, by a background retrier every ``SETTLE_RETRY_S`` and at once
+when a call finds the store back. A retry counts tokens only if the store
+still holds the call's lease, so tokens are counted once, on the day the call
+ended; a settle still pending when its lease has expired is a no-op (the
+store already freed the slot and reservation, and limits were failing open).
 
 Standard library only: the clients file (read by settings in gunicorn's
 master) parses limits with ``parse_limits``.
@@ -41,7 +49,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -63,6 +73,12 @@ LEASE_S = 900.0
 IN_FLIGHT_RETRY_S = 2.0
 # A failing state store is logged at most this often per worker.
 WARN_EVERY_S = 10.0
+# Failed settles kept per worker for retrying: ~2 MB; a worker rarely ends
+# this many calls within one outage, and past it the oldest are dropped.
+MAX_PENDING_SETTLES = 10_000
+# Just past shim.state's RETRY_AFTER_FAILURE_S (1 s), so a retry is not
+# itself skipped by the store's own pause after a failure.
+SETTLE_RETRY_S = 1.2
 _NAMES = ("concurrency", "rpm", "tokens_per_day")
 
 
@@ -142,6 +158,16 @@ class StateUnavailable(Exception):
     """The state store could not answer (Redis down, timed out)."""
 
 
+class Settle(NamedTuple):
+    """One call's end, as sent to the store (and kept to resend if the store failed)."""
+
+    client: str
+    limits: Limits
+    lease: Lease
+    tokens: int
+    now: float  # when the call ended: its tokens count on that UTC day
+
+
 def tokens_used(record: AccessRecord) -> int:
     return (
         (record.input_tokens or 0)
@@ -167,7 +193,13 @@ class Limiter:
         self._clock = clock
         self._leases = 0
         self._lease_prefix = f"{os.getpid()}.{os.urandom(4).hex()}."
-        self._warned = float("-inf")
+        self._warned = self._warned_drop = float("-inf")
+        # Settles the store failed, oldest first; guarded by _lock with _retrier,
+        # the one thread (a greenlet under gevent) that resends them.
+        self._pending: deque[Settle] = deque()
+        self._lock = threading.Lock()
+        self._retrier: threading.Thread | None = None
+        self._wake = threading.Event()
 
     def __repr__(self) -> str:
         return f"Limiter(state={self.state!r})"
@@ -184,6 +216,8 @@ class Limiter:
         except StateUnavailable as exc:
             self._state_failed("admit", exc)
             return  # fail open: the call is served unlimited
+        if self._pending:
+            self._wake.set()  # the store answers again: resend failed settles now
         if admission.limit:
             if self._on_reject is not None:
                 self._on_reject(client, admission.limit)
@@ -211,10 +245,79 @@ class Limiter:
         if not limits.concurrency and not limits.tokens_per_day:
             return  # rpm only: nothing to release or count, no round trip
         tokens = tokens_used(record) if limits.tokens_per_day else 0
+        settle = Settle(record.client or "", limits, lease, tokens, self._clock())
         try:
-            self.state.finish(record.client or "", limits, lease, tokens, self._clock())
+            self.state.finish(*settle)
         except StateUnavailable as exc:
             self._state_failed("finish", exc)
+            self._defer(settle)
+            return
+        if self._pending:
+            self._wake.set()
+
+    def pending_settles(self) -> int:
+        """How many failed settles wait to be resent."""
+        return len(self._pending)
+
+    def _defer(self, settle: Settle) -> None:
+        """Queue a failed settle and make sure the one retrier is running."""
+        dropped = start = False
+        with self._lock:
+            if len(self._pending) >= MAX_PENDING_SETTLES:
+                self._pending.popleft()
+                dropped = True
+            self._pending.append(settle)
+            if self._retrier is None:
+                self._retrier = threading.Thread(
+                    target=self._retry_pending, name="shim-settle-retry", daemon=True
+                )
+                start = True
+        if start:
+            self._retrier.start()
+        if dropped:
+            self._dropped()
+
+    def _retry_pending(self) -> None:
+        """Resend failed settles until none is left (runs in the retrier thread)."""
+        try:
+            while True:
+                self._wake.wait(SETTLE_RETRY_S)
+                self._wake.clear()
+                if self._resend():
+                    return
+        finally:
+            with self._lock:  # also when something unexpected ended the loop
+                if self._retrier is threading.current_thread():
+                    self._retrier = None
+
+    def _resend(self) -> bool:
+        """Resend pending settles oldest first; True once none is left."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._retrier = None  # under the lock: a new _defer starts another
+                    return True
+                settle = self._pending[0]
+            try:
+                # retry=True: tokens count only if the first try never landed.
+                self.state.finish(*settle, retry=True)
+            except StateUnavailable as exc:
+                self._state_failed("settle_retry", exc)
+                return False
+            with self._lock:
+                if self._pending and self._pending[0] is settle:
+                    self._pending.popleft()
+
+    def _dropped(self) -> None:
+        if self._on_state_error is not None:
+            self._on_state_error("settle_dropped")
+        now = time.monotonic()
+        if now - self._warned_drop >= WARN_EVERY_S:
+            self._warned_drop = now
+            log.warning(
+                "too many settles waiting for the state store; dropped the oldest",
+                extra={"event": "settle_dropped", "pending": len(self._pending)},
+            )
 
     def _state_failed(self, operation: str, exc: StateUnavailable) -> None:
         if self._on_state_error is not None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -15,6 +18,7 @@ from shim.keys import KeyPool
 from shim.limits import (
     IN_FLIGHT_RETRY_S,
     LEASE_S,
+    MAX_PENDING_SETTLES,
     Lease,
     Limiter,
     LimitExceeded,
@@ -25,7 +29,7 @@ from shim.limits import (
 )
 from shim.settings import ConfigError, Settings
 from shim.state import MemoryState, RedisState, open_state
-from tests.conftest import closed_port, settings_env
+from tests.conftest import RedisServer, closed_port, free_port, settings_env
 
 # Mid-day UTC, so a test never straddles midnight by accident.
 NOON = 1_780_000_000 - 1_780_000_000 % 86_400 + 43_200
@@ -295,6 +299,150 @@ def test_limiter_fails_open_with_one_warning_and_a_count(caplog):
     assert failures == ["admit"] * 3
     warnings = [r for r in caplog.records if getattr(r, "event", "") == "state_unavailable"]
     assert len(warnings) == 1
+
+
+# -- a settle the store failed is retried, and counts its tokens once ------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own, to starve, stop and resume without touching others."""
+    server = RedisServer(free_port(), tmp_path / "redis.log").start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        server.process.send_signal(signal.SIGCONT)
+    server.kill()
+
+
+def integer(reply: bytes) -> int:
+    """An integer (or integer string, or nil as 0) out of a raw RESP reply."""
+    lines = reply.split(b"\r\n")
+    if lines[0] in (b"$-1", b"*-1"):
+        return 0
+    return int(lines[1] if lines[0].startswith(b"$") else lines[0][1:])
+
+
+def wait_until(condition, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def scripts_refused(server: RedisServer) -> Iterator[None]:
+    """Redis answers every script with an error (NOPERM), so nothing a script does lands."""
+    server.command("ACL", "SETUSER", "default", "-evalsha", "-eval")
+    try:
+        yield
+    finally:
+        server.command("ACL", "SETUSER", "default", "+@all")
+
+
+def settled_in_redis(server: RedisServer, client: str) -> tuple[int, int, int]:
+    """(tokens counted today, calls in flight, tokens reserved) as Redis holds them."""
+    return (
+        integer(server.command("GET", f"shim:{{{client}}}:t{NOON // 86_400}")),
+        integer(server.command("ZCARD", f"shim:{{{client}}}:slots")),
+        integer(server.command("GET", f"shim:{{{client}}}:reserved")),
+    )
+
+
+def test_a_settle_redis_refused_is_resent_by_the_timer_and_counted_once(own_redis, client):
+    monotonic = [0.0]  # the store's own clock: when its pause after a failure ends
+    errors: list[str] = []
+    limiter = Limiter(
+        RedisState(own_redis.url, clock=lambda: monotonic[0]),
+        on_state_error=errors.append,
+        clock=lambda: NOON,
+    )
+    limits = Limits(concurrency=1, tokens_per_day=1000)
+    record = record_for(client)
+    limiter.admit(record, limits)
+    record.input_tokens, record.output_tokens = 30, 10
+    with scripts_refused(own_redis):
+        limiter.finish(record)
+    assert errors == ["finish"] and limiter.pending_settles() == 1
+    assert settled_in_redis(own_redis, client) == (0, 1, 31)  # nothing landed
+    monotonic[0] += 2  # past the store's pause; no further call comes
+    wait_until(lambda: limiter.pending_settles() == 0)
+    assert settled_in_redis(own_redis, client) == (40, 0, 0)  # counted once, slot freed
+    limiter.admit(record_for(client), limits)
+
+
+def test_a_settle_that_landed_though_its_reply_was_lost_is_not_counted_twice(own_redis, client):
+    monotonic = [0.0]
+    limiter = Limiter(RedisState(own_redis.url, clock=lambda: monotonic[0]), clock=lambda: NOON)
+    limits = Limits(tokens_per_day=1000)
+    warm = record_for(client)  # a call that used nothing: Redis now knows the finish script
+    limiter.admit(warm, limits)
+    limiter.finish(warm)
+    record = record_for(client)
+    limiter.admit(record, limits)
+    record.output_tokens = 40
+    own_redis.process.send_signal(signal.SIGSTOP)  # hung: the script waits in its socket
+    try:
+        limiter.finish(record)  # times out after 250 ms
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+    assert limiter.pending_settles() == 1
+    # Redis ran the script when it woke; only the reply was lost.
+    wait_until(lambda: settled_in_redis(own_redis, client) == (40, 0, 0))
+    monotonic[0] += 2
+    wait_until(lambda: limiter.pending_settles() == 0)
+    assert settled_in_redis(own_redis, client) == (40, 0, 0)
+
+
+def test_pending_settles_are_resent_as_soon_as_a_call_finds_redis_back(own_redis, client):
+    monotonic = [0.0]
+    limiter = Limiter(RedisState(own_redis.url, clock=lambda: monotonic[0]), clock=lambda: NOON)
+    limits = Limits(concurrency=5, tokens_per_day=1000)
+    records = [record_for(client) for _ in range(3)]
+    for record in records:
+        limiter.admit(record, limits)
+        record.input_tokens = 5
+    with scripts_refused(own_redis):
+        for record in records:
+            limiter.finish(record)  # the first fails at Redis, the rest at the store's pause
+    assert limiter.pending_settles() == 3
+    monotonic[0] += 2
+    started = time.monotonic()
+    limiter.admit(record_for(client), limits)  # served by Redis: the retrier is woken
+    wait_until(lambda: limiter.pending_settles() == 0, timeout=0.8)
+    assert time.monotonic() - started < 0.8  # well before the retrier's own 1.2 s tick
+    tokens, in_flight, _ = settled_in_redis(own_redis, client)
+    assert (tokens, in_flight) == (15, 1)
+
+
+def test_pending_settles_are_bounded_and_a_drop_is_logged_and_counted(caplog):
+    errors: list[str] = []
+    # Never past its pause: every resend is skipped without touching the network.
+    dead = RedisState(f"redis://127.0.0.1:{closed_port()}/0", clock=lambda: 0.0)
+    limiter = Limiter(dead, on_state_error=errors.append, clock=lambda: NOON)
+    limits = Limits(concurrency=1)
+    with caplog.at_level(logging.WARNING, logger="shim.limits"):
+        for index in range(MAX_PENDING_SETTLES + 2):
+            record = record_for("alice")
+            record.limits, record.lease = limits, Lease(f"l{index}")  # as if admitted earlier
+            limiter.finish(record)
+    assert limiter.pending_settles() == MAX_PENDING_SETTLES
+    assert errors.count("settle_dropped") == 2
+    drops = [r for r in caplog.records if getattr(r, "event", "") == "settle_dropped"]
+    assert len(drops) == 1  # rate-limited like the other state warnings
+
+
+def test_a_retried_settle_counts_tokens_only_for_a_lease_still_held(store, client):
+    limits = Limits(tokens_per_day=1000)
+    landed = held(store, client, limits, "landed", NOON)
+    store.finish(client, limits, landed, 40, NOON)
+    store.finish(client, limits, landed, 40, NOON, retry=True)  # its first try had landed
+    lost = held(store, client, limits, "lost", NOON)
+    store.finish(client, limits, lost, 25, NOON, retry=True)  # its first try never landed
+    # 65 counted: one more call of up to 1000 - 65 fits, not one that crossed 1000 already.
+    store.finish(client, limits, held(store, client, limits, "x", NOON), 934, NOON)
+    assert store.admit(client, limits, "y", NOON).limit == ""
+    store.finish(client, limits, Lease("y", 31), 1, NOON)
+    assert store.admit(client, limits, "z", NOON).limit == "tokens_per_day"
 
 
 @pytest.mark.parametrize(
