@@ -7,7 +7,8 @@ limit the call is answered 429 in the provider's shape with ``Retry-After``
 before anything is sent upstream.
 
 - ``concurrency``: calls in flight at once (a stream holds its slot until it
-  ends). A slot held by an instance that died frees itself after ``LEASE_S``.
+  ends). A slot held by an instance that died frees itself after ``LEASE_S``;
+  a call that runs longer keeps its slot by renewing it (``Limiter.renew``).
 - ``rpm``: calls per minute, as a GCRA (a token bucket of ``rpm`` calls that
   refills one call every 60/rpm s): a burst of ``rpm`` is allowed, then an
   even pace; ``Retry-After`` says when the next call fits.
@@ -68,6 +69,9 @@ log = logging.getLogger("shim.limits")
 # reports its end (the instance died): long enough for any sane stream, short
 # enough to recover.
 LEASE_S = 900.0
+# How often a call still running renews its lease (Limiter.renew): a third of
+# it, so two renewals can be missed (a slow Redis) before the lease runs out.
+RENEW_EVERY_S = LEASE_S / 3
 # Retry-After when the budget is held by reservations of calls in flight, not
 # used up: those free as soon as the calls end.
 IN_FLIGHT_RETRY_S = 2.0
@@ -254,6 +258,20 @@ class Limiter:
             return
         if self._pending:
             self._wake.set()
+
+    def renew(self, record: AccessRecord) -> None:
+        """Extend the call's slot and reservation to now + LEASE_S (a call outliving LEASE_S).
+
+        Meant to be called by a stream every ``RENEW_EVERY_S``. A lease the
+        store already let go (expired, or the call was settled) stays gone.
+        """
+        limits, lease = record.limits, record.lease
+        if limits is None or lease is None or not (limits.concurrency or limits.tokens_per_day):
+            return  # nothing held: rpm only, never admitted, or already settled
+        try:
+            self.state.renew(record.client or "", lease, self._clock())
+        except StateUnavailable as exc:
+            self._state_failed("renew", exc)  # fail open: at worst the lease runs out
 
     def pending_settles(self) -> int:
         """How many failed settles wait to be resent."""

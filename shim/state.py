@@ -25,6 +25,7 @@ per request.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from typing import Protocol
@@ -61,6 +62,8 @@ class State(Protocol):
         now: float,
         retry: bool = False,
     ) -> None: ...
+
+    def renew(self, client: str, lease: Lease, now: float) -> None: ...
 
     def bench_key(self, ident: str, until: float) -> None: ...
 
@@ -145,6 +148,11 @@ class MemoryState:
             if day != today:
                 largest, before = 0, (largest if day == today - 1 else 0)
             self._largest[client] = (today, max(largest, tokens), before)
+
+    def renew(self, client: str, lease: Lease, now: float) -> None:
+        held = self._leases.get(client)
+        if held is not None and lease.id in held:
+            held[lease.id] = (now + LEASE_S, lease.reserved)
 
     def _largest_recent(self, client: str, now: float) -> int:
         today = int(now // DAY_S)
@@ -343,6 +351,18 @@ class RedisState:
         ]
         args = [lease.member, lease.reserved, tokens, int(retry)]
         self._call(lambda: self._finish(keys=keys, args=args))
+
+    def renew(self, client: str, lease: Lease, now: float) -> None:
+        def extend() -> None:
+            # XX: a lease already pruned stays gone (its reservation was given back).
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zadd(f"shim:{{{client}}}:slots", {lease.member: now + LEASE_S}, xx=True)
+            pipe.expire(f"shim:{{{client}}}:slots", math.ceil(LEASE_S) + 60)
+            if lease.reserved:
+                pipe.expire(f"shim:{{{client}}}:reserved", math.ceil(LEASE_S) + 60)
+            pipe.execute()
+
+        self._call(extend)
 
     def bench_key(self, ident: str, until: float) -> None:
         self._call(lambda: self._bench(keys=["shim:gemini:benched"], args=[ident, repr(until)]))

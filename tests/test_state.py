@@ -19,6 +19,7 @@ from shim.limits import (
     IN_FLIGHT_RETRY_S,
     LEASE_S,
     MAX_PENDING_SETTLES,
+    RENEW_EVERY_S,
     Lease,
     Limiter,
     LimitExceeded,
@@ -179,6 +180,29 @@ def test_a_reservation_nobody_released_expires_with_its_lease(store, client):
     assert outcomes == [""] * 34 + ["tokens_per_day"]
 
 
+def test_a_renewed_lease_keeps_its_slot_and_reservation_past_the_first_expiry(store, client):
+    limits = Limits(concurrency=1, tokens_per_day=64)  # r = 2: 32 fit in flight
+    lease = held(store, client, limits, "long", NOON)
+    store.renew(client, lease, NOON + LEASE_S - 10)
+    later = NOON + LEASE_S + 10
+    assert store.admit(client, limits, "next", later).limit == "concurrency"
+    # The reservation is still held too: with the slot freed, 31 more fit, not 32.
+    wide = Limits(tokens_per_day=64)
+    assert [store.admit(client, wide, f"w{i}", later).limit for i in range(32)] == (
+        [""] * 31 + ["tokens_per_day"]
+    )
+    # LEASE_S after its last renewal (and after those 31), it has run out.
+    assert store.admit(client, limits, "next", later + LEASE_S + 1).limit == ""
+
+
+def test_renewing_a_lease_already_settled_does_not_bring_it_back(store, client):
+    limits = Limits(concurrency=1)
+    lease = held(store, client, limits, "a", NOON)
+    store.finish(client, limits, lease, 0, NOON + 1)
+    store.renew(client, lease, NOON + 2)
+    assert store.admit(client, limits, "b", NOON + 3).limit == ""
+
+
 def test_clients_do_not_share_counts(store, client):
     limits = Limits(rpm=1)
     assert store.admit(client, limits, "a", NOON).limit == ""
@@ -276,6 +300,32 @@ def test_limiter_keeps_the_reservation_in_the_lease_and_says_when_to_retry(clien
     assert "in flight" in caught.value.message and refused.error == "limit_tokens_per_day"
     limiter.finish(records[0])  # no usage reported: the reservation is simply given back
     limiter.admit(record_for(client), limits)
+
+
+def test_limiter_renews_a_long_call_and_swallows_a_failing_store(client):
+    now = [float(NOON)]
+    limiter = Limiter(MemoryState(), clock=lambda: now[0])
+    limits = Limits(concurrency=1)
+    record = record_for(client)
+    limiter.admit(record, limits)
+    now[0] = NOON + LEASE_S - 10
+    limiter.renew(record)
+    now[0] = NOON + LEASE_S + 10
+    with pytest.raises(LimitExceeded):
+        limiter.admit(record_for(client), limits)
+    limiter.finish(record)
+    limiter.renew(record)  # after the end: nothing held, nothing asked
+    limiter.admit(record_for(client), limits)
+    assert RENEW_EVERY_S == LEASE_S / 3
+
+    failures: list[str] = []
+    dead = Limiter(
+        RedisState(f"redis://127.0.0.1:{closed_port()}/0"), on_state_error=failures.append
+    )
+    record = record_for(client)
+    record.limits, record.lease = limits, Lease("x")  # as if admitted before Redis went away
+    dead.renew(record)
+    assert failures == ["renew"]
 
 
 def test_limiter_without_limits_never_touches_the_store():
