@@ -279,19 +279,18 @@ class Limiter:
 
     def _defer(self, settle: Settle) -> None:
         """Queue a failed settle and make sure the one retrier is running."""
-        dropped = start = False
+        dropped, retrier = False, None
         with self._lock:
             if len(self._pending) >= MAX_PENDING_SETTLES:
                 self._pending.popleft()
                 dropped = True
             self._pending.append(settle)
             if self._retrier is None:
-                self._retrier = threading.Thread(
+                retrier = self._retrier = threading.Thread(
                     target=self._retry_pending, name="shim-settle-retry", daemon=True
                 )
-                start = True
-        if start:
-            self._retrier.start()
+        if retrier is not None:
+            retrier.start()  # outside the lock: under gevent, start() yields
         if dropped:
             self._dropped()
 

@@ -7,7 +7,9 @@ times its limits and a benched Gemini key is benched on one worker only) or
 (one store for all workers of all instances).
 
 What it holds:
-- per-client limit state (``admit``/``finish``; the rules are in shim.limits);
+- per-client limit state (``admit``/``finish``/``renew``: the leases of calls
+  in flight with their token reservations, rate, tokens per day; the rules
+  are in shim.limits);
 - Gemini key benches (``bench_key``/``benched_keys``): when one instance
   gets a 429 for a key, every instance skips it until it is back.
 
@@ -61,9 +63,18 @@ class State(Protocol):
         tokens: int,
         now: float,
         retry: bool = False,
-    ) -> None: ...
+    ) -> None:
+        """Release ``lease`` (no-op if already gone); count ``tokens`` on the UTC day of ``now``.
 
-    def renew(self, client: str, lease: Lease, now: float) -> None: ...
+        With ``retry`` (a resend after a failure of unknown outcome) tokens
+        count only if the lease was still held: once, whether or not the
+        first try landed.
+        """
+        ...
+
+    def renew(self, client: str, lease: Lease, now: float) -> None:
+        """Extend a lease still held to ``now + LEASE_S``; one already gone stays gone."""
+        ...
 
     def bench_key(self, ident: str, until: float) -> None: ...
 
