@@ -470,6 +470,7 @@ def test_pending_settles_are_bounded_and_a_drop_is_logged_and_counted(caplog):
     dead = RedisState(f"redis://127.0.0.1:{closed_port()}/0", clock=lambda: 0.0)
     limiter = Limiter(dead, on_state_error=errors.append, clock=lambda: NOON)
     limits = Limits(concurrency=1)
+    retriers_before = retriers()
     with caplog.at_level(logging.WARNING, logger="shim.limits"):
         for index in range(MAX_PENDING_SETTLES + 2):
             record = record_for("alice")
@@ -479,6 +480,11 @@ def test_pending_settles_are_bounded_and_a_drop_is_logged_and_counted(caplog):
     assert errors.count("settle_dropped") == 2
     drops = [r for r in caplog.records if getattr(r, "event", "") == "settle_dropped"]
     assert len(drops) == 1  # rate-limited like the other state warnings
+    assert retriers() == retriers_before + 1  # one retrier for the whole queue
+
+
+def retriers() -> int:
+    return sum(thread.name == "shim-settle-retry" for thread in threading.enumerate())
 
 
 def test_a_retried_settle_counts_tokens_only_for_a_lease_still_held(store, client):
