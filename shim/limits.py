@@ -7,19 +7,39 @@ limit the call is answered 429 in the provider's shape with ``Retry-After``
 before anything is sent upstream.
 
 - ``concurrency``: calls in flight at once (a stream holds its slot until it
-  ends). A slot held by an instance that died frees itself after ``LEASE_S``.
+  ends). A slot held by an instance that died frees itself after ``LEASE_S``;
+  a call that runs longer keeps its slot by renewing it (``Limiter.renew``).
 - ``rpm``: calls per minute, as a GCRA (a token bucket of ``rpm`` calls that
   refills one call every 60/rpm s): a burst of ``rpm`` is allowed, then an
   even pace; ``Retry-After`` says when the next call fits.
 - ``tokens_per_day``: tokens the provider reported (input + output + cache
   reads and writes, from the usage shim already reads off every answer) per
-  UTC day. Checked before a call and counted when it ends, so the call that
-  crosses the line completes; the next one is refused until UTC midnight.
+  UTC day, counted on the day the call ends. A call's size is only known when
+  it ends, so while in flight each call holds a *reservation* of
+  ``r = max(tokens_per_day // 32, the client's largest call in the last two
+  UTC days, 1)`` tokens, and a call is admitted only while ``used + the
+  reservations of the calls in flight < tokens_per_day`` (issue #13): many
+  parallel calls cannot all slip in before any is counted. When a call ends
+  its reservation is replaced by its real count. Bound: the day's total
+  exceeds the limit by less than ``r`` of the last call admitted, plus
+  whatever the calls then in flight used beyond their own reservations (none
+  unless one was bigger than every call of the two days before it). Refused because the day is used
+  up: ``Retry-After`` until 00:00 UTC; refused because reservations of calls
+  in flight fill it: ``IN_FLIGHT_RETRY_S``, as they free when those calls end.
+  Reservations expire with the lease, like slots.
 
 Where the counts live is ``shim.state`` (per worker, or Redis shared by
 every worker and instance). When the state store fails, limits fail *open*:
 the call is served, a warning is logged (at most every 10 s per worker) and
 ``shim_state_errors_total`` counts it. Authentication never depends on it.
+A *settle* (slot and reservation released, tokens counted) that fails is not
+dropped: it waits in a per-worker queue (at most ``MAX_PENDING_SETTLES``, the
+oldest dropped beyond that, logged and counted) and is retried once the store
+answers again, by a background retrier every ``SETTLE_RETRY_S`` and at once
+when a call finds the store back. A retry counts tokens only if the store
+still holds the call's lease, so tokens are counted once, on the day the call
+ended; a settle still pending when its lease has expired is a no-op (the
+store already freed the slot and reservation, and limits were failing open).
 
 Standard library only: the clients file (read by settings in gunicorn's
 master) parses limits with ``parse_limits``.
@@ -30,7 +50,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -43,11 +65,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shim.limits")
 
-# How long a concurrency slot lasts if its call never reports its end (the
-# instance died): long enough for any sane stream, short enough to recover.
+# How long a concurrency slot (and a token reservation) lasts if its call never
+# reports its end (the instance died): long enough for any sane stream, short
+# enough to recover.
 LEASE_S = 900.0
+# How often a call still running renews its lease (Limiter.renew): a third of
+# it, so two renewals can be missed (a slow Redis) before the lease runs out.
+RENEW_EVERY_S = LEASE_S / 3
+# Retry-After when the budget is held by reservations of calls in flight, not
+# used up: those free as soon as the calls end.
+IN_FLIGHT_RETRY_S = 2.0
 # A failing state store is logged at most this often per worker.
 WARN_EVERY_S = 10.0
+# Failed settles kept per worker for retrying: ~2 MB; a worker rarely ends
+# this many calls within one outage, and past it the oldest are dropped.
+MAX_PENDING_SETTLES = 10_000
+# Just past shim.state's RETRY_AFTER_FAILURE_S (1 s), so a retry is not
+# itself skipped by the store's own pause after a failure.
+SETTLE_RETRY_S = 1.2
 _NAMES = ("concurrency", "rpm", "tokens_per_day")
 
 
@@ -82,30 +117,59 @@ def parse_limits(words: list[str]) -> Limits:
 
 
 class Admission(NamedTuple):
-    """A state store's answer: ``limit`` names the one exceeded ("" when admitted)."""
+    """A state store's answer: ``limit`` names the one exceeded ("" when admitted).
+
+    ``reserved``: tokens the admitted call holds while in flight; ``in_flight``:
+    refused for tokens held by calls in flight rather than tokens used.
+    """
 
     limit: str
     retry_after: float = 0.0
+    reserved: int = 0
+    in_flight: bool = False
+
+
+class Lease(NamedTuple):
+    """What an admitted call holds in the store, kept in ``record.lease`` until it ends."""
+
+    id: str
+    reserved: int = 0  # tokens reserved against tokens_per_day
+
+    @property
+    def member(self) -> str:
+        """The call's member of the client's slots zset in Redis."""
+        return f"{self.id}:{self.reserved}"
 
 
 ADMITTED = Admission("")
 
 
 class LimitExceeded(RateLimited):
-    def __init__(self, limit: str, retry_after: float):
+    def __init__(self, limit: str, retry_after: float, in_flight: bool = False):
         messages = {
             "concurrency": "Too many concurrent requests for this client; retry shortly.",
             "rpm": "Request rate limit for this client reached; retry later.",
             "tokens_per_day": "Daily token limit for this client reached; retry after 00:00 UTC.",
         }
-        super().__init__(
-            messages[limit], headers=(("Retry-After", str(max(1, math.ceil(retry_after)))),)
-        )
+        message = messages[limit]
+        if in_flight:
+            message = "Daily token limit for this client is held by calls in flight; retry shortly."
+        super().__init__(message, headers=(("Retry-After", str(max(1, math.ceil(retry_after)))),))
         self.limit = limit
 
 
 class StateUnavailable(Exception):
     """The state store could not answer (Redis down, timed out)."""
+
+
+class Settle(NamedTuple):
+    """One call's end, as sent to the store (and kept to resend if the store failed)."""
+
+    client: str
+    limits: Limits
+    lease: Lease
+    tokens: int
+    now: float  # when the call ended: its tokens count on that UTC day
 
 
 def tokens_used(record: AccessRecord) -> int:
@@ -133,7 +197,13 @@ class Limiter:
         self._clock = clock
         self._leases = 0
         self._lease_prefix = f"{os.getpid()}.{os.urandom(4).hex()}."
-        self._warned = float("-inf")
+        self._warned = self._warned_drop = float("-inf")
+        # Settles the store failed, oldest first; guarded by _lock with _retrier,
+        # the one thread (a greenlet under gevent) that resends them.
+        self._pending: deque[Settle] = deque()
+        self._lock = threading.Lock()
+        self._retrier: threading.Thread | None = None
+        self._wake = threading.Event()
 
     def __repr__(self) -> str:
         return f"Limiter(state={self.state!r})"
@@ -144,12 +214,14 @@ class Limiter:
             return
         client = record.client or ""
         self._leases += 1
-        lease = f"{self._lease_prefix}{self._leases}"
+        lease_id = f"{self._lease_prefix}{self._leases}"
         try:
-            admission = self.state.admit(client, limits, lease, self._clock())
+            admission = self.state.admit(client, limits, lease_id, self._clock())
         except StateUnavailable as exc:
             self._state_failed("admit", exc)
             return  # fail open: the call is served unlimited
+        if self._pending:
+            self._wake.set()  # the store answers again: resend failed settles now
         if admission.limit:
             if self._on_reject is not None:
                 self._on_reject(client, admission.limit)
@@ -160,26 +232,109 @@ class Limiter:
                     "client": client,
                     "limit": admission.limit,
                     "retry_after_s": round(admission.retry_after, 2),
+                    "in_flight": admission.in_flight,
                 },
             )
             record.error = f"limit_{admission.limit}"
-            raise LimitExceeded(admission.limit, admission.retry_after)
+            raise LimitExceeded(admission.limit, admission.retry_after, admission.in_flight)
         record.limits = limits
-        record.lease = lease
+        record.lease = Lease(lease_id, admission.reserved)
 
     def finish(self, record: AccessRecord) -> None:
-        """Release the call's slot and count its tokens (called once, as its record closes)."""
+        """Release the call's slot and reservation and count its tokens, once, as it closes."""
         limits, lease = record.limits, record.lease
         if limits is None or lease is None:
             return
         record.limits = record.lease = None
-        tokens = tokens_used(record) if limits.tokens_per_day else 0
-        if not limits.concurrency and not tokens:
+        if not limits.concurrency and not limits.tokens_per_day:
             return  # rpm only: nothing to release or count, no round trip
+        tokens = tokens_used(record) if limits.tokens_per_day else 0
+        settle = Settle(record.client or "", limits, lease, tokens, self._clock())
         try:
-            self.state.finish(record.client or "", limits, lease, tokens, self._clock())
+            self.state.finish(*settle)
         except StateUnavailable as exc:
             self._state_failed("finish", exc)
+            self._defer(settle)
+            return
+        if self._pending:
+            self._wake.set()
+
+    def renew(self, record: AccessRecord) -> None:
+        """Extend the call's slot and reservation to now + LEASE_S (a call outliving LEASE_S).
+
+        Meant to be called by a stream every ``RENEW_EVERY_S``. A lease the
+        store already let go (expired, or the call was settled) stays gone.
+        """
+        limits, lease = record.limits, record.lease
+        if limits is None or lease is None or not (limits.concurrency or limits.tokens_per_day):
+            return  # nothing held: rpm only, never admitted, or already settled
+        try:
+            self.state.renew(record.client or "", lease, self._clock())
+        except StateUnavailable as exc:
+            self._state_failed("renew", exc)  # fail open: at worst the lease runs out
+
+    def pending_settles(self) -> int:
+        """How many failed settles wait to be resent."""
+        return len(self._pending)
+
+    def _defer(self, settle: Settle) -> None:
+        """Queue a failed settle and make sure the one retrier is running."""
+        dropped, retrier = False, None
+        with self._lock:
+            if len(self._pending) >= MAX_PENDING_SETTLES:
+                self._pending.popleft()
+                dropped = True
+            self._pending.append(settle)
+            if self._retrier is None:
+                retrier = self._retrier = threading.Thread(
+                    target=self._retry_pending, name="shim-settle-retry", daemon=True
+                )
+        if retrier is not None:
+            retrier.start()  # outside the lock: under gevent, start() yields
+        if dropped:
+            self._dropped()
+
+    def _retry_pending(self) -> None:
+        """Resend failed settles until none is left (runs in the retrier thread)."""
+        try:
+            while True:
+                self._wake.wait(SETTLE_RETRY_S)
+                self._wake.clear()
+                if self._resend():
+                    return
+        finally:
+            with self._lock:  # also when something unexpected ended the loop
+                if self._retrier is threading.current_thread():
+                    self._retrier = None
+
+    def _resend(self) -> bool:
+        """Resend pending settles oldest first; True once none is left."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._retrier = None  # under the lock: a new _defer starts another
+                    return True
+                settle = self._pending[0]
+            try:
+                # retry=True: tokens count only if the first try never landed.
+                self.state.finish(*settle, retry=True)
+            except StateUnavailable as exc:
+                self._state_failed("settle_retry", exc)
+                return False
+            with self._lock:
+                if self._pending and self._pending[0] is settle:
+                    self._pending.popleft()
+
+    def _dropped(self) -> None:
+        if self._on_state_error is not None:
+            self._on_state_error("settle_dropped")
+        now = time.monotonic()
+        if now - self._warned_drop >= WARN_EVERY_S:
+            self._warned_drop = now
+            log.warning(
+                "too many settles waiting for the state store; dropped the oldest",
+                extra={"event": "settle_dropped", "pending": len(self._pending)},
+            )
 
     def _state_failed(self, operation: str, exc: StateUnavailable) -> None:
         if self._on_state_error is not None:
