@@ -83,6 +83,8 @@ class AccessRecord:
         "limits",
         "lease",
         "body",
+        "renew_at",
+        "renewer",
     )
 
     def __init__(
@@ -97,6 +99,9 @@ class AccessRecord:
         self.client: str | None = None
         # Set by shim.limits when a limited call is admitted; settled as the record closes.
         self.limits = self.lease = None
+        # A long call renews its limit lease as it streams (set by shim.limits.Limiter.admit).
+        self.renew_at = float("inf")
+        self.renewer: Callable[[AccessRecord], None] | None = None
         # A streamed body that closes this record when it ends (shim.forward.UpstreamBody).
         self.body: _Closable | None = None
         self.request_id = request_id
@@ -130,6 +135,10 @@ class AccessRecord:
                 self.max_gap = gap
         self._last = now
         self.bytes_out += size
+        if now >= self.renew_at:
+            self.renew_at = float("inf")  # the renewer sets the next one
+            if self.renewer is not None:
+                self.renewer(self)
 
     def fields(self) -> dict:
         duration = time.perf_counter() - self.start

@@ -239,6 +239,10 @@ class Limiter:
             raise LimitExceeded(admission.limit, admission.retry_after, admission.in_flight)
         record.limits = limits
         record.lease = Lease(lease_id, admission.reserved)
+        if limits.concurrency or limits.tokens_per_day:
+            # A stream longer than LEASE_S keeps its slot: the record calls renew as it sends.
+            record.renew_at = time.perf_counter() + RENEW_EVERY_S
+            record.renewer = self.renew
 
     def finish(self, record: AccessRecord) -> None:
         """Release the call's slot and reservation and count its tokens, once, as it closes."""
@@ -268,6 +272,7 @@ class Limiter:
         limits, lease = record.limits, record.lease
         if limits is None or lease is None or not (limits.concurrency or limits.tokens_per_day):
             return  # nothing held: rpm only, never admitted, or already settled
+        record.renew_at = time.perf_counter() + RENEW_EVERY_S
         try:
             self.state.renew(record.client or "", lease, self._clock())
         except StateUnavailable as exc:

@@ -24,8 +24,10 @@ from tests.fake_upstream import FAKE_API_KEY, FAKE_GEMINI_KEYS
 from tests.test_live_observability import metric
 
 CODINGS = ("gzip", "deflate", "br", "zstd")
-SECRETS = {name: f"{name}-usage-{uuid.uuid4().hex}" for name in ("plain", "dora", "ed", "flo")}
-LIMITS = {"dora": "tokens_per_day=2500", "ed": "concurrency=1", "flo": "concurrency=1"}
+SECRETS = {name: f"{name}-usage-{uuid.uuid4().hex}"
+           for name in ("plain", "dora", "ed", "flo", "gus")}
+LIMITS = {"dora": "tokens_per_day=2500", "ed": "concurrency=1", "flo": "concurrency=1",
+          "gus": "tokens_per_day=10000"}
 
 
 def write_clients(tmp) -> str:
@@ -171,6 +173,45 @@ def test_a_client_with_a_token_budget_is_stopped_whatever_it_accepts(gw, test_id
     # 2,000 tokens a call, 2,500 a day: the call that crosses the line completes,
     # then every call is refused.
     assert statuses == [200, 200, 429, 429, 429]
+
+
+def test_parallel_calls_overshoot_a_token_budget_by_less_than_one_reservation(
+    gw, redis_server, test_id
+):
+    # One call teaches shim this client's call size (2,000 tokens), then ten
+    # overlapping compressed streams arrive at once, across both workers.
+    assert call(gw, "gus", "anthropic_json", "gzip", test_id, f"gus-warm-{test_id[:8]}",
+                tokens=(1990, 10))[0] == 200
+    results: list[tuple] = []
+
+    def one(index: int) -> None:
+        results.append(call(gw, "gus", "anthropic_sse", "gzip", test_id,
+                            f"gus-{index}-{test_id[:8]}", tokens=(1990, 10),
+                            extra={"x-fake-gap-ms": "150", "x-fake-events": "8"}))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    statuses = sorted(result[0] for result in results)
+    # used 2,000 + 4 reservations of 2,000 reach the 10,000 limit: the fifth waits.
+    assert statuses == [200] * 4 + [429] * 6
+    for status, headers, body, _ in results:
+        if status == 429:
+            assert headers["Retry-After"] == "2"  # held by calls in flight, not used up
+            assert "in flight" in json.loads(body)["error"]["message"]
+    day = int(time.time() // 86_400)
+
+    def counted() -> int:
+        return int(redis_server.command("GET", f"shim:{{gus}}:t{day}").split(b"\r\n")[1])
+
+    # Each stream is counted as its record closes, just after its last byte went out.
+    assert wait_for(lambda: counted() >= 10_000, 5)
+    assert counted() == 10_000  # the bound: < limit + one reservation (12,000)
+    status, headers, _, _ = call(gw, "gus", "anthropic_json", "gzip", test_id,
+                                 f"gus-after-{test_id[:8]}")
+    assert status == 429 and int(headers["Retry-After"]) > 2  # used up: until 00:00 UTC
 
 
 def test_a_stream_abandoned_after_message_start_still_counts_its_input_tokens(

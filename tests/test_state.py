@@ -328,6 +328,25 @@ def test_limiter_renews_a_long_call_and_swallows_a_failing_store(client):
     assert failures == ["renew"]
 
 
+def test_a_stream_renews_its_lease_as_it_sends_once_renew_every_has_passed(client):
+    now = [float(NOON)]
+    limiter = Limiter(MemoryState(), clock=lambda: now[0])
+    limits = Limits(concurrency=1)
+    record = record_for(client)
+    limiter.admit(record, limits)
+    assert record.renew_at == pytest.approx(time.perf_counter() + RENEW_EVERY_S, abs=5)
+    record.sent(100)  # early in the call: no renewal due
+    now[0] = NOON + LEASE_S - 10
+    record.renew_at = time.perf_counter() - 1  # as if RENEW_EVERY_S had passed
+    record.sent(100)  # the next chunk renews
+    assert record.renew_at > time.perf_counter() + RENEW_EVERY_S - 5
+    now[0] = NOON + LEASE_S + 10
+    with pytest.raises(LimitExceeded):  # still held past the first expiry
+        limiter.admit(record_for(client), limits)
+    limiter.finish(record)
+    limiter.admit(record_for(client), limits)
+
+
 def test_limiter_without_limits_never_touches_the_store():
     class Exploding:
         def admit(self, *args):
