@@ -8,7 +8,7 @@ answers. Two bounds make a decompression bomb harmless:
 - no single step yields more than ``PIECE_BYTES`` (every decoder is asked
   for at most that much output, and the rest of its input waits inside it),
   so memory never holds more than one piece of decoded text at a time;
-- a call decodes at most ``budget`` bytes in all; past that ``pieces``
+- a call decodes at most ``budget`` bytes in all; past that ``feed``
   raises ``DecodeLimit`` and the caller stops decoding (and logs it).
 
 Decoders: zlib (standard library) for gzip and deflate, ``brotli`` >= 1.2
@@ -22,7 +22,7 @@ same reason.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import brotli
 
@@ -45,9 +45,9 @@ class DecodeFailed(Exception):
 
 
 class Decoder:
-    """One answer's incremental decoder: feed compressed chunks, get decoded pieces."""
+    """One answer's incremental decoder: feed it compressed chunks, it hands on decoded pieces."""
 
-    __slots__ = ("_step", "budget", "decoded")
+    __slots__ = ("_step", "_sink", "budget", "decoded")
 
     def __init__(self, coding: str, budget: int):
         steps = {
@@ -58,19 +58,37 @@ class Decoder:
             "zstd": _Zstd,
         }
         self._step = steps[coding]()
+        self._sink: Callable[[bytes], None] = _drop
         self.budget = budget
         self.decoded = 0
 
-    def pieces(self, data: bytes) -> Iterator[bytes]:
-        """Yield ``data`` decoded, piece by piece; raise DecodeLimit past the budget."""
+    def feed(self, data: bytes, sink: Callable[[bytes], None]) -> None:
+        """Decode ``data`` into ``sink``, piece by piece; raise DecodeLimit past the budget.
+
+        No generators on this path: it runs for every chunk of a compressed
+        stream, and most chunks decode in one call to one piece.
+        """
+        self._sink = sink
         try:
-            for piece in self._step.pieces(data):
-                self.decoded += len(piece)
-                if self.decoded > self.budget:
-                    raise DecodeLimit(self.decoded)
-                yield piece
+            self._step.feed(data, self._take)
         except (zlib.error, brotli.error, zstd.ZstdError, EOFError) as exc:
             raise DecodeFailed(type(exc).__name__) from None
+
+    def decode(self, data: bytes) -> bytes:
+        """Decode a whole body at once (still in bounded pieces, still within the budget)."""
+        parts: list[bytes] = []
+        self.feed(data, parts.append)
+        return b"".join(parts)
+
+    def _take(self, piece: bytes) -> None:
+        self.decoded += len(piece)
+        if self.decoded > self.budget:
+            raise DecodeLimit(self.decoded)
+        self._sink(piece)
+
+
+def _drop(piece: bytes) -> None:
+    pass
 
 
 def coding_of(content_encoding: str | None) -> str | None:
@@ -89,12 +107,12 @@ class _Gzip:
     def __init__(self) -> None:
         self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
 
-    def pieces(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: bytes, take: Callable[[bytes], None]) -> None:
         obj = self._obj
         while True:
             out = obj.decompress(data, PIECE_BYTES)
             if out:
-                yield out
+                take(out)
             data = obj.unconsumed_tail
             if obj.eof and obj.unused_data:
                 # Several gzip members back to back make one body (RFC 1952).
@@ -114,7 +132,7 @@ class _Deflate:
         self._obj: zlib._Decompress | None = None
         self._head = b""
 
-    def pieces(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: bytes, take: Callable[[bytes], None]) -> None:
         if self._obj is None:
             data = self._head + data
             if len(data) < 2:
@@ -127,7 +145,7 @@ class _Deflate:
         while True:
             out = obj.decompress(data, PIECE_BYTES)
             if out:
-                yield out
+                take(out)
             data = obj.unconsumed_tail
             if not data and len(out) < PIECE_BYTES:
                 return
@@ -139,17 +157,17 @@ class _Brotli:
     def __init__(self) -> None:
         self._obj = brotli.Decompressor()
 
-    def pieces(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: bytes, take: Callable[[bytes], None]) -> None:
         obj = self._obj
         out = obj.process(data, output_buffer_limit=PIECE_BYTES)
         if out:
-            yield out
+            take(out)
         # Output stops short of the limit only when the input is used up; at the
         # limit, the rest waits inside and comes out with empty input.
         while len(out) >= PIECE_BYTES and not obj.is_finished():
             out = obj.process(b"", output_buffer_limit=PIECE_BYTES)
             if out:
-                yield out
+                take(out)
 
 
 class _Zstd:
@@ -158,7 +176,7 @@ class _Zstd:
     def __init__(self) -> None:
         self._obj = zstd.ZstdDecompressor()
 
-    def pieces(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: bytes, take: Callable[[bytes], None]) -> None:
         obj = self._obj
         while True:
             if obj.eof:
@@ -166,7 +184,7 @@ class _Zstd:
                 obj = self._obj = zstd.ZstdDecompressor()
             out = obj.decompress(data, PIECE_BYTES)
             if out:
-                yield out
+                take(out)
             if obj.eof:
                 data = obj.unused_data
                 if not data:

@@ -188,11 +188,11 @@ class DecodedTap:
         self._seen += len(chunk)
         decoder = self._decoder
         # A stream may grow its budget with what passed; a bomb cannot.
-        decoder.budget = max(MAX_COPY_BYTES, MAX_RATIO * self._seen)
-        feed = self._inner.feed
+        budget = MAX_RATIO * self._seen
+        if budget > decoder.budget:
+            decoder.budget = budget
         try:
-            for piece in decoder.pieces(chunk):
-                feed(piece)
+            decoder.feed(chunk, self._inner.feed)
         except DecodeLimit:
             self.unread = "decode_limit"
         except DecodeFailed:
@@ -239,7 +239,7 @@ def read_whole(body: bytes, content_encoding: str | None, on_data: OnData) -> st
         return "unknown_encoding"
     decoder = Decoder(coding, MAX_COPY_BYTES)
     try:
-        decoded = b"".join(decoder.pieces(body))
+        decoded = decoder.decode(body)
     except DecodeLimit:
         return "decode_limit"
     except DecodeFailed:

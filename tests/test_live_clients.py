@@ -143,7 +143,9 @@ def access_line(gateway, match, newest: bool = False) -> dict:
     """The first (or newest) access line ``match`` accepts, waiting up to 5 s for it."""
     deadline = time.monotonic() + 5
     while True:
-        lines = [json.loads(text) for text in gateway.log_text().splitlines()
+        log = gateway.log_text()
+        # Only whole lines: the gateway may be writing the last one right now.
+        lines = [json.loads(text) for text in log[: log.rfind("\n") + 1].splitlines()
                  if '"event":"access"' in text]
         found = [line for line in lines if match(line)]
         if found:
