@@ -36,6 +36,10 @@ PIECE_BYTES = 65_536
 CODINGS = ("gzip", "x-gzip", "deflate", "br", "zstd")
 
 
+# Where decoded pieces go (a usage tap's feed, or a list's append).
+Sink = Callable[[bytes], None]
+
+
 class DecodeLimit(Exception):
     """The call's decoded copy reached its budget; stop decoding it."""
 
@@ -47,7 +51,7 @@ class DecodeFailed(Exception):
 class Decoder:
     """One answer's incremental decoder: feed it compressed chunks, it hands on decoded pieces."""
 
-    __slots__ = ("_step", "_sink", "budget", "decoded")
+    __slots__ = ("_step", "budget", "decoded")
 
     def __init__(self, coding: str, budget: int):
         steps = {
@@ -58,19 +62,17 @@ class Decoder:
             "zstd": _Zstd,
         }
         self._step = steps[coding]()
-        self._sink: Callable[[bytes], None] = _drop
         self.budget = budget
         self.decoded = 0
 
-    def feed(self, data: bytes, sink: Callable[[bytes], None]) -> None:
+    def feed(self, data: bytes, sink: Sink) -> None:
         """Decode ``data`` into ``sink``, piece by piece; raise DecodeLimit past the budget.
 
         No generators on this path: it runs for every chunk of a compressed
         stream, and most chunks decode in one call to one piece.
         """
-        self._sink = sink
         try:
-            self._step.feed(data, self._take)
+            self.decoded += self._step.feed(data, sink, self.budget - self.decoded)
         except (zlib.error, brotli.error, zstd.ZstdError, EOFError) as exc:
             raise DecodeFailed(type(exc).__name__) from None
 
@@ -80,15 +82,6 @@ class Decoder:
         self.feed(data, parts.append)
         return b"".join(parts)
 
-    def _take(self, piece: bytes) -> None:
-        self.decoded += len(piece)
-        if self.decoded > self.budget:
-            raise DecodeLimit(self.decoded)
-        self._sink(piece)
-
-
-def _drop(piece: bytes) -> None:
-    pass
 
 
 def coding_of(content_encoding: str | None) -> str | None:
@@ -107,11 +100,15 @@ class _Gzip:
     def __init__(self) -> None:
         self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
 
-    def feed(self, data: bytes, take: Callable[[bytes], None]) -> None:
+    def feed(self, data: bytes, take: Sink, room: int) -> int:
         obj = self._obj
+        done = 0
         while True:
             out = obj.decompress(data, PIECE_BYTES)
             if out:
+                done += len(out)
+                if done > room:
+                    raise DecodeLimit(done)
                 take(out)
             data = obj.unconsumed_tail
             if obj.eof and obj.unused_data:
@@ -120,7 +117,7 @@ class _Gzip:
                 obj = self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
                 continue
             if not data and len(out) < PIECE_BYTES:
-                return
+                return done
 
 
 class _Deflate:
@@ -132,23 +129,27 @@ class _Deflate:
         self._obj: zlib._Decompress | None = None
         self._head = b""
 
-    def feed(self, data: bytes, take: Callable[[bytes], None]) -> None:
+    def feed(self, data: bytes, take: Sink, room: int) -> int:
         if self._obj is None:
             data = self._head + data
             if len(data) < 2:
                 self._head = data  # the two header bytes tell the variant apart
-                return
+                return 0
             # A zlib header: CM=8 and the 16-bit header a multiple of 31 (RFC 1950).
             wrapped = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
             self._obj = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
         obj = self._obj
+        done = 0
         while True:
             out = obj.decompress(data, PIECE_BYTES)
             if out:
+                done += len(out)
+                if done > room:
+                    raise DecodeLimit(done)
                 take(out)
             data = obj.unconsumed_tail
             if not data and len(out) < PIECE_BYTES:
-                return
+                return done
 
 
 class _Brotli:
@@ -157,9 +158,12 @@ class _Brotli:
     def __init__(self) -> None:
         self._obj = brotli.Decompressor()
 
-    def feed(self, data: bytes, take: Callable[[bytes], None]) -> None:
+    def feed(self, data: bytes, take: Sink, room: int) -> int:
         obj = self._obj
         out = obj.process(data, output_buffer_limit=PIECE_BYTES)
+        done = len(out)
+        if done > room:
+            raise DecodeLimit(done)
         if out:
             take(out)
         # Output stops short of the limit only when the input is used up; at the
@@ -167,7 +171,11 @@ class _Brotli:
         while len(out) >= PIECE_BYTES and not obj.is_finished():
             out = obj.process(b"", output_buffer_limit=PIECE_BYTES)
             if out:
+                done += len(out)
+                if done > room:
+                    raise DecodeLimit(done)
                 take(out)
+        return done
 
 
 class _Zstd:
@@ -176,20 +184,24 @@ class _Zstd:
     def __init__(self) -> None:
         self._obj = zstd.ZstdDecompressor()
 
-    def feed(self, data: bytes, take: Callable[[bytes], None]) -> None:
+    def feed(self, data: bytes, take: Sink, room: int) -> int:
         obj = self._obj
+        done = 0
         while True:
             if obj.eof:
                 # A next frame: zstd bodies may be several frames back to back.
                 obj = self._obj = zstd.ZstdDecompressor()
             out = obj.decompress(data, PIECE_BYTES)
             if out:
+                done += len(out)
+                if done > room:
+                    raise DecodeLimit(done)
                 take(out)
             if obj.eof:
                 data = obj.unused_data
                 if not data:
-                    return
+                    return done
                 continue
             if obj.needs_input:
-                return
+                return done
             data = b""
