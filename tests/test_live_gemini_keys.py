@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from shim.keys import key_id
 from shim.providers.gemini import PACIFIC, judge_key, readable
 from tests.conftest import SECRET, start_gateway
 from tests.fake_upstream import FAKE_GEMINI_KEYS
@@ -280,6 +281,46 @@ def test_models_list_calls_are_not_held_back_by_a_model_bench(
         assert conn.getresponse().status == 200
     finally:
         conn.close()
+
+
+def test_a_pro_bench_is_shared_by_two_gateways_on_one_redis(
+    fake_upstream, redis_server, tmp_path, test_id
+):
+    redis_server.command("DEL", "shim:gemini:benched")
+    env = {
+        "SHIM_GEMINI_KEYS": ",".join(FAKE_GEMINI_KEYS),
+        "SHIM_GEMINI_UPSTREAM": fake_upstream.url,
+        "SHIM_ANTHROPIC_UPSTREAM": fake_upstream.url,
+        "SHIM_WORKERS": "2",
+        "SHIM_STATE_URL": redis_server.url,
+    }
+    first = start_gateway(env, tmp_path / "first.log")
+    second = start_gateway(env, tmp_path / "second.log")
+    try:
+        # On the first gateway, until a pro call met key 0's per-day 429.
+        for _ in range(6):
+            status, _, _, _ = call(first, test_id, PRO, x_fake_limited_keys="0",
+                                   x_fake_quota=PER_DAY)
+            assert status == 200
+            if 0 in keys_used(fake_upstream, test_id):
+                break
+        else:
+            pytest.fail("key 0 was never tried")
+        fields = redis_server.command("HKEYS", "shim:gemini:benched").decode()
+        assert f"{key_id(FAKE_GEMINI_KEYS[0])}:gemini-2.5-pro" in fields
+        assert int(redis_server.command("TTL", "shim:gemini:benched")[1:]) > 0
+        time.sleep(0.6)  # past the shared-bench sync interval
+        pro, flash = test_id + "-pro", test_id + "-flash"
+        for _ in range(6):
+            assert call(second, pro, PRO)[0] == 200
+        for _ in range(6):  # one worker gets 3 of them at least: a full round
+            assert call(second, flash)[0] == 200
+        assert 0 not in keys_used(fake_upstream, pro)
+        assert 0 in keys_used(fake_upstream, flash)
+    finally:
+        first.stop()
+        second.stop()
+        redis_server.command("DEL", "shim:gemini:benched")
 
 
 # -- the verdict itself, pure ------------------------------------------------------------
