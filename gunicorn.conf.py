@@ -8,12 +8,14 @@ app uses, and a bad environment stops the master with one clear message.
 No ``preload_app`` for the same reason.
 """
 
+import logging
 import os
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from shim import openfiles  # noqa: E402
 from shim.logs import gunicorn_logconfig  # noqa: E402
 from shim.settings import ConfigError, Settings  # noqa: E402
 
@@ -45,6 +47,12 @@ if _metrics_dir:
 else:
     _metrics_dir = tempfile.mkdtemp(prefix="shim-metrics-")
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
+
+def on_starting(server):  # noqa: ANN001, ANN201 - gunicorn hook
+    # Two descriptors per stream (issue #14): raise the soft limit the workers
+    # inherit, or warn at start rather than fail with EMFILE under load.
+    openfiles.check(_settings.worker_connections, logging.getLogger("gunicorn.error"))
 
 
 def child_exit(server, worker):  # noqa: ANN001, ANN201 - gunicorn hook

@@ -132,8 +132,10 @@ class Forwarder:
 
         # At most one retry, and only before any byte went to the client: a key
         # the provider benched on this answer is swapped for the next one.
+        # The route's model, taken now: read_usage may later set the answer's.
+        model = record.model
         for attempt in (1, 2):
-            credential = provider.add_credential(headers)
+            credential = provider.add_credential(headers, model)
             if provider.credential_log_field:
                 setattr(record, provider.credential_log_field, credential)
             raw = self._send(prepared, provider, credential, record)
@@ -142,7 +144,8 @@ class Forwarder:
             if raw.status not in provider.retry_statuses:
                 return relay(raw, provider, method, environ, record, self.on_stream)
             answer = read_whole(raw, provider, record)
-            if provider.after_failure(credential, raw.status, raw.headers, answer) and attempt == 1:
+            learned = provider.after_failure(credential, raw.status, raw.headers, answer, model)
+            if learned and attempt == 1:
                 log.info(
                     "retrying on another credential",
                     extra={

@@ -72,15 +72,24 @@ def key_id(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
-class KeyPool:
-    """Round-robin over a fixed set of keys, skipping keys that are cooling down or disabled.
+# Models benched at once per pool (bounds memory and the shared hash): model
+# names come from request paths, so only models upstream actually answered a
+# per-model quota 429 for are benched, and never more than this many.
+MAX_BENCHED_MODELS = 32
 
-    Benches are kept in this worker and, when ``shared`` is a store shared by
-    every instance (Redis), written there too and read back from it at most
-    every ``SYNC_EVERY_S``: one instance's 429 benches the key for all. A
-    failing shared store is skipped (benches stay per worker until it is back).
-    Times are wall-clock seconds, the clock instances share. Keys are
-    addressed by ``key_id`` outside this class so callers never hold or log one.
+
+class KeyPool:
+    """Round-robin over a fixed set of keys, skipping keys benched or disabled.
+
+    A bench is for the whole key (``model`` None: an unknown 429, a quota of
+    the whole project) or for one (key, model) pair (a per-model quota: the
+    key still serves every other model). Benches are kept in this worker and,
+    when ``shared`` is a store shared by every instance (Redis), written there
+    too and read back from it at most every ``SYNC_EVERY_S``: one instance's
+    429 benches the key (or pair) for all. A failing shared store is skipped
+    (benches stay per worker until it is back). Times are wall-clock seconds,
+    the clock instances share. Keys are addressed by ``key_id`` outside this
+    class so callers never hold or log one.
     """
 
     def __init__(
@@ -95,19 +104,21 @@ class KeyPool:
         self._next = 0
         self._clock = clock
         self._cooling_until: dict[str, float] = {}  # key id -> wall-clock time it is back
+        # (key id, model) -> wall-clock time the key serves that model again
+        self._model_until: dict[tuple[str, str], float] = {}
         self._disabled: set[str] = set()
         self._on_change: Callable[[dict[str, int]], None] | None = None
         self._shared = shared
         self._synced = float("-inf")
 
     def on_change(self, callback: Callable[[dict[str, int]], None]) -> None:
-        """Call ``callback(states())`` now and whenever a key's state changes."""
+        """Call ``callback(counts())`` now and whenever a key's state changes."""
         self._on_change = callback
-        callback(self.states())
+        callback(self.counts())
 
     def _changed(self) -> None:
         if self._on_change is not None:
-            self._on_change(self.states())
+            self._on_change(self.counts())
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -115,8 +126,8 @@ class KeyPool:
     def __repr__(self) -> str:
         return f"KeyPool(size={len(self._keys)}, ids={list(self._ids.values())})"
 
-    def next_key(self) -> str | None:
-        """Return the next available key in turn, or None when none is available now."""
+    def next_key(self, model: str | None = None) -> str | None:
+        """Return the next key in turn available for ``model``, or None when none is now."""
         now = self._clock()
         if self._shared is not None and now - self._synced >= SYNC_EVERY_S:
             self._sync(now)
@@ -132,6 +143,13 @@ class KeyPool:
                     continue
                 del self._cooling_until[ident]
                 self._changed()
+            if model is not None and self._model_until:
+                until = self._model_until.get((ident, model))
+                if until is not None:
+                    if until > now:
+                        continue
+                    del self._model_until[(ident, model)]
+                    self._changed()
             self._next = (self._next + step + 1) % count
             return key
         return None
@@ -143,30 +161,59 @@ class KeyPool:
         except StateUnavailable:
             return
         changed = False
-        for ident, until in benched.items():
-            if ident in self._by_id and until > self._cooling_until.get(ident, 0.0):
-                self._cooling_until[ident] = until
+        for (ident, model), until in benched.items():
+            if ident not in self._by_id:
+                continue
+            if model is None:
+                if until > self._cooling_until.get(ident, 0.0):
+                    self._cooling_until[ident] = until
+                    changed = True
+            elif until > self._model_until.get((ident, model), 0.0) and self._room_for(
+                model, now
+            ):
+                self._model_until[(ident, model)] = until
                 changed = True
         if changed:
             self._changed()
 
-    def _share(self, ident: str, until: float) -> None:
+    def _share(self, ident: str, until: float, model: str | None = None) -> None:
         if self._shared is not None:
             try:
-                self._shared.bench_key(ident, until)
+                self._shared.bench_key(ident, until, self._clock(), model)
             except StateUnavailable:
                 pass  # this worker still benches it; the others learn from their own 429
+
+    def _room_for(self, model: str, now: float) -> bool:
+        """True if ``model`` is benched already or another model may be (expired ones go)."""
+        for pair, until in list(self._model_until.items()):
+            if until <= now:
+                del self._model_until[pair]
+        models = {benched for _, benched in self._model_until}
+        return model in models or len(models) < MAX_BENCHED_MODELS
 
     def id_of(self, key: str) -> str:
         return self._ids.get(key) or key_id(key)
 
-    def cool_down(self, ident: str, seconds: float) -> None:
-        """Bench the key ``ident`` for ``seconds`` (a longer bench already set is kept)."""
-        if ident in self._by_id:
-            until = self._clock() + max(0.0, seconds)
+    def cool_down(self, ident: str, seconds: float, model: str | None = None) -> bool:
+        """Bench the key ``ident`` (for ``model`` only, if given) for ``seconds``.
+
+        A longer bench already set is kept. False if nothing was benched: an
+        unknown key, or ``MAX_BENCHED_MODELS`` other models benched already.
+        """
+        if ident not in self._by_id:
+            return False
+        now = self._clock()
+        until = now + max(0.0, seconds)
+        if model is None:
             self._cooling_until[ident] = max(until, self._cooling_until.get(ident, 0.0))
-            self._changed()
-            self._share(ident, until)
+        elif self._room_for(model, now):
+            pair = (ident, model)
+            self._model_until[pair] = max(until, self._model_until.get(pair, 0.0))
+        else:
+            return False
+        self._changed()
+        self._share(ident, until, model)
+        return True
 
     def disable(self, ident: str) -> None:
         """Take the key ``ident`` out of rotation for the life of the process."""
@@ -176,21 +223,21 @@ class KeyPool:
             self._changed()
             self._share(ident, self._clock() + DISABLED_BENCH_S)
 
-    def seconds_until_available(self) -> float | None:
-        """Seconds until the soonest benched key returns; None if every key is disabled."""
+    def seconds_until_available(self, model: str | None = None) -> float | None:
+        """Seconds until a key serves ``model`` again; None if every key is disabled."""
         now = self._clock()
-        waits = [
-            max(0.0, until - now)
-            for ident, until in self._cooling_until.items()
-            if ident not in self._disabled
-        ]
-        usable = len(self._keys) - len(self._disabled)
-        if usable > len(waits):
-            return 0.0
+        waits = []
+        for ident in self._by_id:
+            if ident in self._disabled:
+                continue
+            until = self._cooling_until.get(ident, now)
+            if model is not None:
+                until = max(until, self._model_until.get((ident, model), now))
+            waits.append(max(0.0, until - now))
         return min(waits) if waits else None
 
     def states(self) -> dict[str, int]:
-        """Count keys by state: available, cooling, disabled."""
+        """Count keys by state: available, cooling, disabled (whole-key benches only)."""
         now = self._clock()
         cooling = sum(
             1
@@ -203,3 +250,36 @@ class KeyPool:
             "cooling": cooling,
             "disabled": disabled,
         }
+
+    def counts(self) -> dict[str, int]:
+        """``states()`` plus ``model_benched``: available keys benched for some model."""
+        counts = self.states()
+        now = self._clock()
+        whole = {i for i, until in self._cooling_until.items() if until > now} | self._disabled
+        counts["model_benched"] = len(
+            {i for (i, _), until in self._model_until.items() if until > now} - whole
+        )
+        return counts
+
+    def benches(self) -> list[dict]:
+        """Each key in configured order: its state and the models it is benched for (s left).
+
+        No key or key id: the position in the key list is what names a key here.
+        """
+        now = self._clock()
+        per_key: list[dict] = []
+        for key in self._keys:
+            ident = self._ids[key]
+            if ident in self._disabled:
+                state = "disabled"
+            elif self._cooling_until.get(ident, 0.0) > now:
+                state = "cooling"
+            else:
+                state = "available"
+            models = {
+                model: int(until - now + 0.999)
+                for (i, model), until in sorted(self._model_until.items())
+                if i == ident and until > now
+            }
+            per_key.append({"state": state, "benched_models": models})
+        return per_key

@@ -74,7 +74,8 @@ STATE_ERRORS = Counter(
 )
 GEMINI_KEYS = Gauge(
     "shim_gemini_keys",
-    "Gemini keys by state, per worker",
+    "Gemini keys by state, per worker: available, cooling (benched for every model) and "
+    "disabled add up to the pool; model_benched counts available keys benched for some model",
     ["state"],
     multiprocess_mode="liveall",
 )

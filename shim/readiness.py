@@ -3,10 +3,12 @@
 ``/health`` stays trivial for the load balancer; this one says why a provider
 cannot serve (no available Gemini key, subscription quota rejected) and what
 upstream said last. State is per worker process, fed by the access records.
-No secrets, keys or key ids in it. The state store (Redis) is reported but
-never makes the gateway unready: limits fail open without it, and taking
-every box out of the load balancer because Redis is down would turn a
-degraded gateway into a dead one.
+No secrets, keys or key ids in it: ``per_key`` lists the Gemini keys in the
+order they are configured, each with its state and the models it is benched
+for (seconds left), and ``models_unavailable`` the models no key serves now.
+The state store (Redis) is reported but never makes the gateway unready:
+limits fail open without it, and taking every box out of the load balancer
+because Redis is down would turn a degraded gateway into a dead one.
 """
 
 from __future__ import annotations
@@ -38,8 +40,19 @@ class Readiness:
 
     def report(self) -> tuple[dict, bool]:
         anthropic_ok = self.anthropic.configured and self.quota_status != "rejected"
-        keys = self.gemini.keys.states()
+        pool = self.gemini.keys
+        keys = pool.states()
+        # Ready while some key is not benched whole: a key benched for one model
+        # (a per-model quota) still serves the others.
         gemini_ok = self.gemini.configured and keys["available"] > 0
+        per_key = pool.benches()
+        benched = {m for entry in per_key for m in entry["benched_models"]}
+        # Models no key can serve now, and in how many seconds one can.
+        unavailable = {
+            model: int(wait + 0.999)
+            for model in sorted(benched)
+            if (wait := pool.seconds_until_available(model))
+        }
         providers = {
             "anthropic": {
                 "configured": self.anthropic.configured,
@@ -53,6 +66,8 @@ class Readiness:
                 "configured": self.gemini.configured,
                 "ready": gemini_ok,
                 "keys": keys,
+                "per_key": per_key,
+                "models_unavailable": unavailable,
                 "last_upstream_status": self.last_status["gemini"],
             },
         }

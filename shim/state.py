@@ -11,7 +11,8 @@ What it holds:
   in flight with their token reservations, rate, tokens per day; the rules
   are in shim.limits);
 - Gemini key benches (``bench_key``/``benched_keys``): when one instance
-  gets a 429 for a key, every instance skips it until it is back.
+  gets a 429 for a key, every instance skips the key (or, for a per-model
+  quota, the key for that model) until it is back.
 
 Every method takes ``now`` (epoch seconds) from the caller, so both stores
 follow the same clock in tests; instances behind one load balancer are
@@ -46,6 +47,11 @@ from shim.locks import LockTimeout
 
 DAY_S = 86_400
 RETRY_AFTER_FAILURE_S = 1.0
+# A Gemini key bench: (key id, model), model None for the whole key.
+Bench = tuple[str, str | None]
+# The shared bench hash holds at most this many fields; past it a new bench
+# stays in the worker that made it (model names come from request paths).
+MAX_SHARED_BENCHES = 4096
 # Redis must answer fast or not at all: it is on the path of every limited call.
 REDIS_TIMEOUT_S = 0.25
 
@@ -76,9 +82,13 @@ class State(Protocol):
         """Extend a lease still held to ``now + LEASE_S``; one already gone stays gone."""
         ...
 
-    def bench_key(self, ident: str, until: float) -> None: ...
+    def bench_key(self, ident: str, until: float, now: float, model: str | None = None) -> None:
+        """Bench key ``ident`` (for ``model`` only, if given) until ``until``; keep a longer one."""
+        ...
 
-    def benched_keys(self, now: float) -> dict[str, float]: ...
+    def benched_keys(self, now: float) -> dict[Bench, float]:
+        """The benches still running at ``now``: (key id, model or None) -> until."""
+        ...
 
     def reachable(self) -> bool: ...
 
@@ -105,7 +115,7 @@ class MemoryState:
         self._tokens: dict[str, tuple[int, int]] = {}  # client -> (day, tokens)
         # client -> (day, largest call that day, largest call the day before)
         self._largest: dict[str, tuple[int, int, int]] = {}
-        self._benched: dict[str, float] = {}
+        self._benched: dict[Bench, float] = {}
 
     def __repr__(self) -> str:
         return "MemoryState()"
@@ -172,11 +182,14 @@ class MemoryState:
             return max(largest, before)
         return largest if day == today - 1 else 0
 
-    def bench_key(self, ident: str, until: float) -> None:
-        self._benched[ident] = max(until, self._benched.get(ident, 0.0))
+    def bench_key(self, ident: str, until: float, now: float, model: str | None = None) -> None:
+        for bench, ends in list(self._benched.items()):
+            if ends <= now:
+                del self._benched[bench]
+        self._benched[(ident, model)] = max(until, self._benched.get((ident, model), 0.0))
 
-    def benched_keys(self, now: float) -> dict[str, float]:
-        return {ident: until for ident, until in self._benched.items() if until > now}
+    def benched_keys(self, now: float) -> dict[Bench, float]:
+        return {bench: until for bench, until in self._benched.items() if until > now}
 
     def reachable(self) -> bool:
         return True
@@ -274,12 +287,32 @@ end
 return released
 """
 
-# KEYS: benches hash. ARGV: ident, until. A longer bench already set is kept.
+# Gemini key benches live in one hash, field "<key id>" (the whole key) or
+# "<key id>:<model>" (model ids never hold ':'), value the time it ends.
+# KEYS: benches hash. ARGV: field, until, now, most fields. Benches over by
+# now are pruned, a longer bench already set is kept, a new field past the
+# cap is refused (returns 0), and the hash expires with its last bench.
 _BENCH = """
+local now = tonumber(ARGV[3])
+local last = tonumber(ARGV[2])
+local fields = redis.call('HGETALL', KEYS[1])
+local kept = 0
+for i = 1, #fields, 2 do
+  local ends = tonumber(fields[i + 1]) or 0
+  if ends <= now then
+    redis.call('HDEL', KEYS[1], fields[i])
+  else
+    kept = kept + 1
+    if ends > last then last = ends end
+  end
+end
 local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if current == 0 and kept >= tonumber(ARGV[4]) then return 0 end
 if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+redis.call('EXPIRE', KEYS[1], math.ceil(last - now) + 60)
 return 1
 """
+_BENCHES = "shim:gemini:benched"
 
 
 class RedisState:
@@ -375,16 +408,19 @@ class RedisState:
 
         self._call(extend)
 
-    def bench_key(self, ident: str, until: float) -> None:
-        self._call(lambda: self._bench(keys=["shim:gemini:benched"], args=[ident, repr(until)]))
+    def bench_key(self, ident: str, until: float, now: float, model: str | None = None) -> None:
+        field = ident if model is None else f"{ident}:{model}"
+        args = [field, repr(until), repr(now), MAX_SHARED_BENCHES]
+        self._call(lambda: self._bench(keys=[_BENCHES], args=args))
 
-    def benched_keys(self, now: float) -> dict[str, float]:
-        raw = self._call(lambda: self._client.hgetall("shim:gemini:benched"))
-        benched = {}
-        for ident, until in raw.items():
+    def benched_keys(self, now: float) -> dict[Bench, float]:
+        raw = self._call(lambda: self._client.hgetall(_BENCHES))
+        benched: dict[Bench, float] = {}
+        for field, until in raw.items():
             value = float(until)
             if value > now:
-                benched[ident.decode()] = value
+                ident, _, model = field.decode().partition(":")
+                benched[(ident, model or None)] = value
         return benched
 
     def reachable(self) -> bool:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
-from tests.conftest import ROOT
+from shim import openfiles
+from shim.settings import Settings
+from tests.conftest import ROOT, settings_env
 from tests.test_gunicorn_conf import load_conf
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -88,3 +90,22 @@ def test_compose_runs_shim_and_nginx_with_env_restart_and_a_long_enough_stop():
     grace = int(re.search(r"stop_grace_period: (\d+)s", COMPOSE).group(1))
     assert grace > 120  # SHIM_GRACEFUL_TIMEOUT_S default
     assert 'SHIM_TRUSTED_PROXIES: "*"' in COMPOSE
+
+
+# Descriptors for the default SHIM_WORKER_CONNECTIONS, and for ten times that.
+DEFAULT_CONNECTIONS = Settings.from_env(settings_env()).worker_connections
+ENOUGH_FILES = openfiles.needed(DEFAULT_CONNECTIONS * 10)
+
+
+def test_systemd_unit_lets_each_worker_hold_its_streams():
+    unit = directives((ROOT / "deploy" / "shim.service").read_text())
+    limits = [line.split("=", 1)[1] for line in unit if line.startswith("LimitNOFILE=")]
+    assert len(limits) == 1 and int(limits[0]) >= ENOUGH_FILES
+
+
+def test_compose_lets_each_worker_hold_its_streams():
+    shim = COMPOSE[COMPOSE.index("\n  shim:") : COMPOSE.index("\n  nginx:")]
+    nofile = re.search(
+        r"\n    ulimits:\n      nofile:\n        soft: (\d+)\n        hard: (\d+)", shim
+    )
+    assert nofile and int(nofile.group(1)) == int(nofile.group(2)) >= ENOUGH_FILES

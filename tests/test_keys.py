@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from shim.keys import KeyFileError, KeyPool, key_id, load_keys
+from shim.keys import MAX_BENCHED_MODELS, KeyFileError, KeyPool, key_id, load_keys
 from tests.fake_upstream import FAKE_GEMINI_KEYS
 
 
@@ -150,3 +150,73 @@ def test_pool_repr_contains_no_key():
     for key in FAKE_GEMINI_KEYS:
         assert key not in text
     assert all(key_id(key) in text for key in FAKE_GEMINI_KEYS)
+
+
+# --- benches per key and per (key, model) -----------------------------------------------------
+
+
+def clocked_pool(keys=("k1", "k2", "k3")) -> tuple[KeyPool, list[float]]:
+    now = [1_000.0]
+    return KeyPool(keys, clock=lambda: now[0]), now
+
+
+def test_a_model_bench_skips_the_key_for_that_model_only():
+    pool, _ = clocked_pool()
+    pool.cool_down(pool.id_of("k1"), 30, "gemini-2.5-pro")
+    assert [pool.next_key("gemini-2.5-pro") for _ in range(4)] == ["k2", "k3", "k2", "k3"]
+    assert [pool.next_key("gemini-2.5-flash") for _ in range(3)] == ["k1", "k2", "k3"]
+    assert pool.next_key() == "k1"  # a call without a model (GET /models) too
+
+
+def test_a_model_bench_ends_on_time():
+    pool, now = clocked_pool(("k1",))
+    pool.cool_down(pool.id_of("k1"), 30, "gemini-2.5-pro")
+    assert pool.next_key("gemini-2.5-pro") is None
+    assert pool.seconds_until_available("gemini-2.5-pro") == pytest.approx(30)
+    assert pool.seconds_until_available("gemini-2.5-flash") == 0.0
+    now[0] += 30.5
+    assert pool.next_key("gemini-2.5-pro") == "k1"
+
+
+def test_a_whole_key_bench_covers_every_model():
+    pool, _ = clocked_pool(("k1", "k2"))
+    pool.cool_down(pool.id_of("k1"), 30)
+    assert {pool.next_key("gemini-2.5-flash") for _ in range(4)} == {"k2"}
+    assert {pool.next_key() for _ in range(4)} == {"k2"}
+
+
+def test_wait_for_a_model_is_the_soonest_key_free_for_it():
+    pool, _ = clocked_pool(("k1", "k2"))
+    pool.cool_down(pool.id_of("k1"), 100, "gemini-2.5-pro")
+    pool.cool_down(pool.id_of("k2"), 50)  # whole key
+    pool.cool_down(pool.id_of("k2"), 80, "gemini-2.5-pro")
+    assert pool.next_key("gemini-2.5-pro") is None
+    assert pool.seconds_until_available("gemini-2.5-pro") == pytest.approx(80)
+    assert pool.next_key("gemini-2.5-flash") == "k1"
+
+
+def test_counts_and_benches_say_which_key_is_benched_for_what():
+    pool, _ = clocked_pool()
+    pool.cool_down(pool.id_of("k1"), 30.2, "gemini-2.5-pro")
+    pool.cool_down(pool.id_of("k2"), 10)
+    assert pool.states() == {"available": 2, "cooling": 1, "disabled": 0}
+    assert pool.counts() == {"available": 2, "cooling": 1, "disabled": 0, "model_benched": 1}
+    assert pool.benches() == [
+        {"state": "available", "benched_models": {"gemini-2.5-pro": 31}},
+        {"state": "cooling", "benched_models": {}},
+        {"state": "available", "benched_models": {}},
+    ]
+
+
+def test_the_number_of_models_benched_at_once_is_bounded():
+    pool, now = clocked_pool(("k1",))
+    ident = pool.id_of("k1")
+    for n in range(MAX_BENCHED_MODELS):
+        assert pool.cool_down(ident, 30, f"model-{n}")
+    # One more invented model is not benched: the key stays in use for it.
+    assert not pool.cool_down(ident, 30, "one-model-too-many")
+    assert pool.next_key("one-model-too-many") == "k1"
+    assert pool.cool_down(ident, 60, "model-0")  # a model already benched can be again
+    now[0] += 31  # the others are over: room again
+    assert pool.cool_down(ident, 30, "one-model-too-many")
+    assert pool.next_key("one-model-too-many") is None

@@ -219,7 +219,9 @@ def test_readiness_is_503_when_every_gemini_key_is_cooling(fake_upstream, tmp_pa
     try:
         call(gw.gemini_port, "POST", "/v1beta/models/gemini-2.5-flash:generateContent",
              {"contents": []}, x_goog_api_key=SECRET, x_fake_limited_keys="0",
-             x_fake_retry_delay="60s")
+             x_fake_retry_delay="60s",
+             # A quota of the whole project: a per-model one leaves the key to other models.
+             x_fake_quota="GenerateRequestsPerMinutePerProject-FreeTier")
         status, _, body = call(gw.gemini_port, "GET", "/health/ready")
         assert status == 503
         assert json.loads(body)["providers"]["gemini"]["keys"]["cooling"] == 1

@@ -212,10 +212,10 @@ def test_clients_do_not_share_counts(store, client):
 
 def test_key_benches_keep_the_longer_one_and_expire(store):
     ident = uuid.uuid4().hex[:8]
-    store.bench_key(ident, NOON + 30)
-    store.bench_key(ident, NOON + 10)
-    assert store.benched_keys(NOON)[ident] == pytest.approx(NOON + 30)
-    assert ident not in store.benched_keys(NOON + 31)
+    store.bench_key(ident, NOON + 30, NOON)
+    store.bench_key(ident, NOON + 10, NOON)
+    assert store.benched_keys(NOON)[(ident, None)] == pytest.approx(NOON + 30)
+    assert (ident, None) not in store.benched_keys(NOON + 31)
 
 
 def test_a_cool_down_on_one_pool_is_seen_by_another_pool_on_the_same_store(redis_server):

@@ -92,7 +92,7 @@ class Anthropic(Provider):
             presented.append(authorization[7:].strip().encode("latin-1"))
         return presented
 
-    def add_credential(self, headers: dict[str, str]) -> str | None:
+    def add_credential(self, headers: dict[str, str], model: str | None = None) -> str | None:
         if self._refresher is not None or self._bearer is not None:
             if self._refresher is not None:
                 token, ident = self._refresher.credential()
@@ -110,7 +110,12 @@ class Anthropic(Provider):
         )
 
     def after_failure(
-        self, credential: str | None, status: int, headers: dict, body: bytes
+        self,
+        credential: str | None,
+        status: int,
+        headers: dict,
+        body: bytes,
+        model: str | None = None,
     ) -> bool:
         if status == 401 and self._refresher is not None:
             return self._refresher.after_unauthorized(credential)

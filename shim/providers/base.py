@@ -61,16 +61,25 @@ class Provider:
         """Return the query string to forward (the client's, unless a provider must strip)."""
         return query
 
-    def add_credential(self, headers: dict[str, str]) -> str | None:
-        """Attach the upstream credential; return a loggable credential id, if any."""
+    def add_credential(self, headers: dict[str, str], model: str | None = None) -> str | None:
+        """Attach the upstream credential for a call to ``model`` (the route's, if any).
+
+        Return a loggable credential id, if any.
+        """
         raise NotImplementedError
 
     def after_failure(
-        self, credential: str | None, status: int, headers: dict, body: bytes
+        self,
+        credential: str | None,
+        status: int,
+        headers: dict,
+        body: bytes,
+        model: str | None = None,
     ) -> bool:
         """Learn from an error answer on ``credential``; True asks for one retry on another.
 
         Called before any byte went to the client, so a retry is invisible to it.
+        ``model`` is the route's model, as given to ``add_credential``.
         """
         return False
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from urllib.parse import unquote_to_bytes
 
 from shim.access import AccessRecord
+from shim.decode import DecodeFailed, DecodeLimit, Decoder, coding_of
 from shim.errors import GatewayError, ProviderNotConfigured, RateLimited, google_error_body
 from shim.keys import KeyPool
 from shim.providers.base import Provider, Route
@@ -50,15 +51,37 @@ DEAD_KEY_REASONS = frozenset(
     {"API_KEY_INVALID", "API_KEY_EXPIRED", "API_KEY_SERVICE_BLOCKED", "CONSUMER_SUSPENDED"}
 )
 DEAD_KEY_MESSAGES = ("API key not valid", "API key expired", "Permission denied: Consumer")
+# An error body is small; a compressed one is decoded at most this far to judge it.
+ERROR_BODY_BYTES = 65_536
 
 
 @dataclass(frozen=True)
 class KeyVerdict:
-    """What an upstream error says about the key that got it."""
+    """What an upstream error says about the key that got it.
+
+    A quota 429 benches the whole key for ``seconds`` and/or the key for the
+    request's model only for ``model_seconds`` (0: no such bench). Which one
+    is read from each ``QuotaFailure`` violation (issue #14):
+
+    - per model (``quotaId`` contains ``PerModel``, or ``quotaDimensions``
+      names a ``model``): the (key, model) pair; the key keeps serving
+      other models;
+    - any other quota (per project for every model): the whole key;
+    - ``PerDay`` in the ``quotaId``: until midnight Pacific (the reset), or
+      the retry delay if that is longer; otherwise (per minute, unknown
+      period) the retry delay;
+    - no ``QuotaFailure`` at all: the whole key for the retry delay
+      (``RetryInfo``, else ``Retry-After``, else ``DEFAULT_COOL_DOWN_S``).
+
+    ``delay`` is that retry delay, for a per-model quota on a call that
+    names no model (the key is then benched that long, never for a day).
+    """
 
     action: str  # "cool_down", "disable" or "keep"
     seconds: float = 0.0
     quota: str = ""  # "per_minute", "per_day" or "" when unknown
+    model_seconds: float = 0.0
+    delay: float = 0.0
 
 
 def _seconds(text: object) -> float | None:
@@ -77,10 +100,16 @@ def _until_pacific_midnight(now: datetime) -> float:
     return (midnight - local).total_seconds()
 
 
+def _per_model(violation: dict) -> bool:
+    dimensions = violation.get("quotaDimensions")
+    named = isinstance(dimensions, dict) and "model" in dimensions
+    return named or "PerModel" in str(violation.get("quotaId", ""))
+
+
 def judge_key(
     status: int, retry_after: str | None, body: bytes, now: datetime | None = None
 ) -> KeyVerdict:
-    """Read a 429/400/403 answer: bench the key, drop it, or leave it alone."""
+    """Read a 429/400/403 answer: bench the key (or the key for a model), drop it, or keep it."""
     try:
         error = json.loads(body).get("error") or {}
         details = [d for d in error.get("details") or () if isinstance(d, dict)]
@@ -89,25 +118,50 @@ def judge_key(
         error, details, message = {}, [], ""
     if status == 429:
         delay = None
-        quota_ids: list[str] = []
+        violations: list[dict] = []
         for detail in details:
             kind = str(detail.get("@type", ""))
             if kind.endswith("google.rpc.RetryInfo"):
                 delay = _seconds(detail.get("retryDelay"))
             elif kind.endswith("google.rpc.QuotaFailure"):
-                quota_ids += [str(v.get("quotaId", "")) for v in detail.get("violations") or ()]
+                found = detail.get("violations")
+                violations += [v for v in found if isinstance(v, dict)] if found else []
         if delay is None and retry_after and retry_after.strip().isdigit():
             delay = float(retry_after.strip())
-        if any("PerDay" in quota for quota in quota_ids):
-            until_reset = _until_pacific_midnight(now or datetime.now(UTC))
-            return KeyVerdict("cool_down", max(delay or 0.0, until_reset), "per_day")
-        quota = "per_minute" if any("PerMinute" in q for q in quota_ids) else ""
-        return KeyVerdict("cool_down", DEFAULT_COOL_DOWN_S if delay is None else delay, quota)
+        delay = DEFAULT_COOL_DOWN_S if delay is None else delay
+        if not violations:
+            return KeyVerdict("cool_down", delay, "", 0.0, delay)
+        whole = per_model = 0.0
+        daily = False
+        for violation in violations:
+            seconds = delay
+            if "PerDay" in str(violation.get("quotaId", "")):
+                daily = True
+                seconds = max(delay, _until_pacific_midnight(now or datetime.now(UTC)))
+            if _per_model(violation):
+                per_model = max(per_model, seconds)
+            else:
+                whole = max(whole, seconds)
+        quotas = " ".join(str(v.get("quotaId", "")) for v in violations)
+        quota = "per_day" if daily else "per_minute" if "PerMinute" in quotas else ""
+        return KeyVerdict("cool_down", whole, quota, per_model, delay)
     if status in (400, 403):
         reasons = {str(d.get("reason", "")) for d in details}
         if reasons & DEAD_KEY_REASONS or message.startswith(DEAD_KEY_MESSAGES):
             return KeyVerdict("disable")
     return KeyVerdict("keep")
+
+
+def readable(body: bytes, content_encoding: str | None) -> bytes:
+    """``body`` decoded from its Content-Encoding (bounded), or b"" if it cannot be."""
+    coding = coding_of(content_encoding)
+    if not coding:
+        return body if coding == "" else b""
+    decoder = Decoder(coding, ERROR_BODY_BYTES)
+    try:
+        return b"".join(decoder.pieces(body))
+    except (DecodeLimit, DecodeFailed):
+        return b""
 
 
 class Gemini(Provider):
@@ -151,15 +205,15 @@ class Gemini(Provider):
     def upstream_query(self, query: str) -> str:
         return without_key(query)
 
-    def add_credential(self, headers: dict[str, str]) -> str | None:
-        key = self.keys.next_key()
+    def add_credential(self, headers: dict[str, str], model: str | None = None) -> str | None:
+        key = self.keys.next_key(model)
         if key is None:
             if not len(self.keys):
                 raise ProviderNotConfigured(
                     "The gateway has no Gemini API key configured "
                     "(SHIM_GEMINI_KEYS or SHIM_GEMINI_KEYS_FILE)."
                 )
-            wait = self.keys.seconds_until_available()
+            wait = self.keys.seconds_until_available(model)
             if wait is None:
                 raise ProviderNotConfigured("Every Gemini API key on the gateway was rejected.")
             retry_after = str(max(1, int(wait + 0.999)))
@@ -168,10 +222,19 @@ class Gemini(Provider):
         return self.keys.id_of(key)
 
     def after_failure(
-        self, credential: str | None, status: int, headers: dict, body: bytes
+        self,
+        credential: str | None,
+        status: int,
+        headers: dict,
+        body: bytes,
+        model: str | None = None,
     ) -> bool:
+        if credential is None:
+            return False
+        # Google compresses error bodies too when the client offers it.
+        body = readable(body, headers.get("content-encoding"))
         verdict = judge_key(status, headers.get("retry-after"), body)
-        if credential is None or verdict.action == "keep":
+        if verdict.action == "keep":
             return False
         if verdict.action == "disable":
             self.keys.disable(credential)
@@ -183,14 +246,23 @@ class Gemini(Provider):
                     "upstream_status": status,
                 },
             )
-        else:
-            self.keys.cool_down(credential, verdict.seconds)
+            return True
+        benches: list[tuple[float, str | None]] = []
+        if verdict.seconds:
+            benches.append((verdict.seconds, None))
+        if verdict.model_seconds:
+            # A per-model quota on a call without a model: bench the key briefly only.
+            benches.append((verdict.model_seconds, model) if model else (verdict.delay, None))
+        for seconds, benched in benches or [(0.0, None)]:
+            if not self.keys.cool_down(credential, seconds, benched):
+                continue  # too many models benched already: upstream keeps saying 429
             log.warning(
                 "gemini key rate limited; cooling down",
                 extra={
                     "event": "gemini_key_cooling",
                     "gemini_key_id": credential,
-                    "cool_down_s": round(verdict.seconds, 1),
+                    "model": benched,
+                    "cool_down_s": round(seconds, 1),
                     "quota": verdict.quota,
                 },
             )
