@@ -159,7 +159,7 @@ def readable(body: bytes, content_encoding: str | None) -> bytes:
         return body if coding == "" else b""
     decoder = Decoder(coding, ERROR_BODY_BYTES)
     try:
-        return b"".join(decoder.pieces(body))
+        return decoder.decode(body)
     except (DecodeLimit, DecodeFailed):
         return b""
 
