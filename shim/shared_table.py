@@ -9,20 +9,27 @@ gunicorn.conf.py) before it forks, so every worker inherits the same pages:
 an anonymous ``memfd`` mapped ``MAP_SHARED``. Standard library only, so the
 master may import it without importing anything gevent must patch first.
 
-Layout: ``SLOTS`` slots of 32 bytes (2 MiB), grouped in buckets of ``WAYS``
-slots. A slot is ``tag u64, failures u32, pad u32, window start f64, cool-off
-until f64`` (``time.monotonic`` seconds: one clock for every process on the
-box). An address's bucket and tag come from a BLAKE2b hash keyed with a salt
-drawn at each start, so nobody outside can aim addresses at one bucket; tag 0
-marks an empty slot.
+Layout: ``SLOTS`` slots of 40 bytes (2.5 MiB), grouped in buckets of ``WAYS``
+slots. A slot is ``tag u64, failures u32, checks in flight u32, window start
+f64, cool-off until f64, last check taken f64`` (``time.monotonic`` seconds:
+one clock for every process on the box). An address's bucket and tag come
+from a BLAKE2b hash keyed with a salt drawn at each start, so nobody outside
+can aim addresses at one bucket; tag 0 marks an empty slot.
 
 Lock: a POSIX record lock (``fcntl.lockf``) on one byte per bucket of the
-memfd, held only while a failure is counted (two syscalls, ~2 us). POSIX
+memfd, held only while a failure is counted or a check of an address with
+failures is taken (two syscalls, ~2 us). POSIX
 locks belong to a process, which is right here: a gevent worker never yields
 while it holds one, so greenlets of one worker cannot interleave inside. The
-per-request check takes no lock: it reads the bucket's four tags (aligned
-8-byte words, written whole) and, only on a match, that slot. A read racing a
-write of the same slot sees the slot before or after that write.
+per-request check of an address with no entry takes no lock: it reads the
+bucket's four tags (aligned 8-byte words, written whole) and finds none.
+
+Exactness: an address with failures must *take a check* (``take_check``)
+before its secret is compared, and ``add`` gives it back: while ``failures +
+checks in flight`` reaches the limit, further checks wait (a short 429) instead
+of being compared, so guesses landing on several workers at the same instant
+cannot all slip past the last allowed one. A check whose secret was right is
+never given back; it lapses after ``CHECK_S``.
 
 Full bucket: a new address takes an empty or stale slot, else evicts the one
 whose window or cool-off ends first. Evicting a live entry hands its
@@ -46,8 +53,10 @@ from typing import NamedTuple
 
 SLOTS = 65_536
 WAYS = 4
-_SLOT = struct.Struct("<QIIdd")
-_TAGS = struct.Struct("<" + "Q24x" * WAYS)
+# A check not given back by then (its secret was right, or its worker died) lapses.
+CHECK_S = 1.0
+_SLOT = struct.Struct("<QIIddd")
+_TAGS = struct.Struct("<" + "Q32x" * WAYS)
 _BUCKET_BYTES = _SLOT.size * WAYS
 
 
@@ -90,10 +99,36 @@ class FailureTable:
         tags = _TAGS.unpack_from(self._memory, offset)
         if tag not in tags:
             return None
-        found, failures, _, start, until = _SLOT.unpack_from(
+        found, failures, _, start, until, _ = _SLOT.unpack_from(
             self._memory, offset + tags.index(tag) * _SLOT.size
         )
         return Entry(failures, start, until) if found == tag else None
+
+    def take_check(
+        self, where: tuple[int, int], now: float, max_failures: int, window_s: float
+    ) -> float:
+        """Take one check for ``where``; 0 when taken, else the seconds to wait.
+
+        Only an address already in the table takes one; ``add`` gives it back.
+        """
+        bucket, tag = where
+        offset = bucket * _BUCKET_BYTES
+        with self._locked(bucket):
+            tags = _TAGS.unpack_from(self._memory, offset)
+            if tag not in tags:
+                return 0.0
+            offset += tags.index(tag) * _SLOT.size
+            _, failures, checks, start, until, taken = _SLOT.unpack_from(self._memory, offset)
+            if until > now:
+                return until - now
+            if now - start > window_s:
+                failures, start = 0, now
+            if now - taken > CHECK_S:
+                checks = 0
+            if failures + checks >= max_failures:
+                return max(taken + CHECK_S - now, 0.001)
+            _SLOT.pack_into(self._memory, offset, tag, failures, checks + 1, start, until, now)
+            return 0.0
 
     def add(
         self,
@@ -103,17 +138,22 @@ class FailureTable:
         max_failures: int,
         window_s: float,
         cooloff_s: float,
+        give_back: bool = False,
     ) -> float:
         """Count ``count`` failures; return the cool-off's end if they start one, else 0.
 
-        Failures arriving while a cool-off runs (checks that raced it) are not
-        counted. After a cool-off the count starts again from 0.
+        ``give_back``: the failed check was taken with ``take_check``. Failures
+        arriving while a cool-off runs are not counted. After a cool-off the
+        count starts again from 0.
         """
         bucket, tag = where
         with self._locked(bucket):
             offset = self._slot_for(bucket, tag, now, window_s)
-            _, failures, _, start, until = _SLOT.unpack_from(self._memory, offset)
+            _, failures, checks, start, until, taken = _SLOT.unpack_from(self._memory, offset)
+            if give_back:
+                checks = max(checks - 1, 0)
             if until > now:
+                _SLOT.pack_into(self._memory, offset, tag, failures, checks, start, until, taken)
                 return 0.0
             if now - start > window_s:
                 failures, start = 0, now
@@ -122,7 +162,7 @@ class FailureTable:
             if failures >= max_failures:
                 started = until = now + cooloff_s
                 failures, start = 0, until  # a fresh window after the cool-off
-            _SLOT.pack_into(self._memory, offset, tag, failures, 0, start, until)
+            _SLOT.pack_into(self._memory, offset, tag, failures, checks, start, until, taken)
             return started
 
     def block(self, where: tuple[int, int], until: float, now: float, window_s: float) -> None:
@@ -130,9 +170,9 @@ class FailureTable:
         bucket, tag = where
         with self._locked(bucket):
             offset = self._slot_for(bucket, tag, now, window_s)
-            _, _, _, _, current = _SLOT.unpack_from(self._memory, offset)
+            _, _, checks, _, current, taken = _SLOT.unpack_from(self._memory, offset)
             if until > current:
-                _SLOT.pack_into(self._memory, offset, tag, 0, 0, until, until)
+                _SLOT.pack_into(self._memory, offset, tag, 0, checks, until, until, taken)
 
     def _slot_for(self, bucket: int, tag: int, now: float, window_s: float) -> int:
         """Offset of ``tag``'s slot in ``bucket``, claiming one if needed; lock held."""
@@ -143,14 +183,14 @@ class FailureTable:
         victim, victim_ends = base, float("inf")
         for way in range(WAYS):
             offset = base + way * _SLOT.size
-            found, _, _, start, until = _SLOT.unpack_from(self._memory, offset)
+            found, _, _, start, until, _ = _SLOT.unpack_from(self._memory, offset)
             ends = max(start + window_s, until)
             if found == 0 or ends < now:
                 victim = offset
                 break
             if ends < victim_ends:
                 victim, victim_ends = offset, ends
-        _SLOT.pack_into(self._memory, victim, tag, 0, 0, now, 0.0)
+        _SLOT.pack_into(self._memory, victim, tag, 0, 0, now, 0.0, 0.0)
         return victim
 
     def _locked(self, bucket: int) -> _BucketLock:

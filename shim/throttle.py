@@ -32,12 +32,17 @@ for Redis, and a right secret is still served. Auth neither fails open (no
 unlimited guessing) nor closed (no lock-out) because of Redis; the failure
 is logged and counted in ``shim_state_errors_total``.
 
-Exactness: the count itself is exact across workers (a lock per bucket).
-The check (``blocked_for``) and the count (``failed``) are two steps with the
-secret comparison between them, a few microseconds with no yield; only wrong
-guesses from one address arriving on different workers inside that same
-instant can both be compared after the last allowed one, at most one extra
-per other worker.
+Exactness: the count is exact across workers (a lock per bucket), and an
+address with failures takes a check from the table before its secret is
+compared (``FailureTable.take_check``): once ``failures + checks in flight``
+reaches ``max_failures``, another guess arriving on another worker at that
+very instant waits (429, ``Retry-After: 1``) instead of being compared. So
+the ``max_failures``-th wrong secret is the last one compared, however the
+guesses spread over workers, as long as ``max_failures`` is at least the
+number of workers (the first guesses of an address with no entry yet take no
+check; at most one per worker can be in flight at once). One caveat: a
+request presenting several candidates has them all compared, so its count
+can carry the total past the limit by up to the candidates it brought.
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ class AuthThrottle:
         self._shared = shared
         self._on_state_error = on_state_error
         self._warned = float("-inf")
+        self._taken: tuple[int, int] | None = None  # the check blocked_for last took
         # Clients come back from the same few addresses: group and hash each once.
         self._where = functools.lru_cache(maxsize=8192)(self._locate)
 
@@ -105,6 +111,7 @@ class AuthThrottle:
     def blocked_for(self, address: str | None) -> float:
         """Seconds ``address`` must still wait (0 when it may try)."""
         key, where = self._where(address or "")
+        self._taken = None
         entry = self.table.lookup(where)
         if entry is None:
             return 0.0
@@ -113,23 +120,32 @@ class AuthThrottle:
             return entry.until - now
         # A cool-off another instance started covers failures counted here no
         # later than window_s after this entry's window began: ask Redis that long.
-        if self._shared is None or now - entry.window_start > 2 * self.window_s + self.cooloff_s:
-            return 0.0
-        try:
-            left = self._shared.cooling_off(key)
-        except StateUnavailable as exc:
-            self._state_failed("auth_check", exc)
-            return 0.0
-        if left > 0:
-            self.table.block(where, now + left, now, self.window_s)
-        return left
+        if self._shared is not None and (
+            now - entry.window_start <= 2 * self.window_s + self.cooloff_s
+        ):
+            try:
+                left = self._shared.cooling_off(key)
+            except StateUnavailable as exc:
+                self._state_failed("auth_check", exc)
+                left = 0.0
+            if left > 0:
+                self.table.block(where, now + left, now, self.window_s)
+                return left
+        if entry.failures == 0 or now - entry.window_start > self.window_s:
+            return 0.0  # nothing counted in this window: no check to take
+        wait = self.table.take_check(where, now, self.max_failures, self.window_s)
+        # Read back by failed(): in a gevent worker nothing yields between the
+        # check and the comparison's outcome, so this is still this request's.
+        self._taken = where if wait == 0 else None
+        return wait
 
     def failed(self, address: str | None, count: int = 1) -> bool:
         """Count ``count`` failed checks; return True when they start a cool-off."""
         key, where = self._where(address or "")
         now = self._clock()
+        taken, self._taken = self._taken == where, None
         started = self.table.add(
-            where, count, now, self.max_failures, self.window_s, self.cooloff_s
+            where, count, now, self.max_failures, self.window_s, self.cooloff_s, taken
         )
         if self._shared is None:
             return started > 0

@@ -183,3 +183,31 @@ def test_an_unreachable_redis_falls_back_to_the_local_count():
     assert throttle.blocked_for("192.0.2.50") > 29
     assert throttle.blocked_for("192.0.2.51") == 0
     assert errors and set(errors) <= {"auth_failed", "auth_check"}
+
+
+def test_the_last_allowed_guess_is_checked_alone():
+    clock = Clock()
+    throttle = AuthThrottle(3, 60, 30, clock=clock)
+    other_worker = AuthThrottle(3, 60, 30, clock=clock, table=throttle.table)
+    throttle.failed("192.0.2.60", count=2)
+    assert throttle.blocked_for("192.0.2.60") == 0  # takes the last check
+    # The same instant on another worker: waits instead of being compared.
+    assert 0 < other_worker.blocked_for("192.0.2.60") <= 1
+    assert throttle.failed("192.0.2.60") is True  # the check failed: cool-off
+    assert other_worker.blocked_for("192.0.2.60") == 30
+
+
+def test_a_check_whose_secret_was_right_lapses_after_a_second():
+    clock = Clock()
+    throttle = AuthThrottle(3, 60, 30, clock=clock)
+    throttle.failed("192.0.2.61", count=2)
+    assert throttle.blocked_for("192.0.2.61") == 0  # right secret: never given back
+    assert throttle.blocked_for("192.0.2.61") == pytest.approx(1.0)
+    clock.now += 1.01
+    assert throttle.blocked_for("192.0.2.61") == 0
+    assert throttle.failed("192.0.2.61") is True
+
+
+def test_an_address_without_failures_takes_no_check():
+    throttle = AuthThrottle(1, 60, 30, clock=Clock())
+    assert [throttle.blocked_for("192.0.2.62") for _ in range(3)] == [0, 0, 0]
