@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shim import openfiles  # noqa: E402
 from shim.logs import gunicorn_logconfig  # noqa: E402
 from shim.settings import ConfigError, Settings  # noqa: E402
+from shim.shared_table import FailureTable  # noqa: E402
 
 try:
     _settings = Settings.from_env(os.environ)
@@ -60,6 +61,11 @@ def child_exit(server, worker):  # noqa: ANN001, ANN201 - gunicorn hook
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+# One failed-secret table for every worker (issue #14): shared memory mapped
+# here, before the fork, so each worker inherits the same pages and an address
+# gets max_failures guesses per instance, not per worker. Standard library only.
+FailureTable.for_workers()
 
 # CPU is the limit on the target box: one process per core, each multiplexing
 # its streams on greenlets.

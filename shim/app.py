@@ -18,7 +18,7 @@ from flask import Blueprint, Flask, Request, Response, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter, MapAdapter
 
-from shim import logs, metrics
+from shim import logs, metrics, shared_table
 from shim.access import AccessLog, AccessRecord
 from shim.clients import ClientTable
 from shim.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
@@ -33,7 +33,7 @@ from shim.providers.gemini import Gemini
 from shim.readiness import Readiness
 from shim.settings import Settings
 from shim.state import RedisState, open_state
-from shim.throttle import AuthThrottle
+from shim.throttle import AuthThrottle, RedisFailures
 
 log = logging.getLogger("shim")
 
@@ -143,7 +143,13 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
         )(name),
     )
     throttle = AuthThrottle(
-        settings.auth_failures_max, settings.auth_failures_window_s, settings.auth_cooloff_s
+        settings.auth_failures_max,
+        settings.auth_failures_window_s,
+        settings.auth_cooloff_s,
+        # One count for all workers (made by the master), and for all instances on Redis.
+        table=shared_table.inherited(),
+        shared=RedisFailures(settings.state_url) if shared else None,
+        on_state_error=metrics.state_failed,
     )
     readiness = Readiness(anthropic, gemini, state)
     clients = ClientTable(settings.shared_secret, settings.clients_file)
