@@ -19,14 +19,11 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-import zlib
+from pathlib import Path
 
-import brotli
-
-try:
-    from compression import zstd  # type: ignore[import-not-found]
-except ImportError:
-    from backports import zstd  # type: ignore[import-not-found,no-redef]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# One per-event compressor for every fake upstream the project has.
+from tests.fake_upstream import Encoder  # noqa: E402
 
 JSON_BODY = (
     b'{"id":"msg_1","type":"message","role":"assistant","model":"claude-bench",'
@@ -54,33 +51,6 @@ END = (
 
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-class Encoder:
-    """Per-event compression with a flush after each piece, as the real upstreams stream."""
-
-    def __init__(self, coding: str):
-        self.coding = coding
-        if coding in ("gzip", "deflate"):
-            self._obj = zlib.compressobj(6, zlib.DEFLATED, 31 if coding == "gzip" else 15)
-        elif coding == "br":
-            self._obj = brotli.Compressor(quality=4)
-        else:
-            self._obj = zstd.ZstdCompressor()
-
-    def piece(self, data: bytes) -> bytes:
-        if self.coding in ("gzip", "deflate"):
-            return self._obj.compress(data) + self._obj.flush(zlib.Z_SYNC_FLUSH)
-        if self.coding == "br":
-            return self._obj.process(data) + self._obj.flush()
-        return self._obj.compress(data, zstd.ZstdCompressor.FLUSH_BLOCK)
-
-    def end(self) -> bytes:
-        if self.coding in ("gzip", "deflate"):
-            return self._obj.flush()
-        if self.coding == "br":
-            return self._obj.finish()
-        return self._obj.flush(zstd.ZstdCompressor.FLUSH_FRAME)
 
 
 def json_response(coding: str) -> bytes:

@@ -54,14 +54,12 @@ class Decoder:
     __slots__ = ("_step", "budget", "decoded")
 
     def __init__(self, coding: str, budget: int):
-        steps = {
-            "gzip": _Gzip,
-            "x-gzip": _Gzip,
-            "deflate": _Deflate,
-            "br": _Brotli,
-            "zstd": _Zstd,
-        }
-        self._step = steps[coding]()
+        if coding in ("gzip", "x-gzip"):
+            self._step: _Zlib | _Brotli | _Zstd = _Zlib(16 + zlib.MAX_WBITS)
+        elif coding == "deflate":
+            self._step = _Zlib(None)
+        else:
+            self._step = _Brotli() if coding == "br" else _Zstd()
         self.budget = budget
         self.decoded = 0
 
@@ -94,14 +92,31 @@ def coding_of(content_encoding: str | None) -> str | None:
     return coding if coding in CODINGS else None
 
 
-class _Gzip:
-    __slots__ = ("_obj",)
+class _Zlib:
+    """gzip (several members back to back make one body, RFC 1952) and deflate.
 
-    def __init__(self) -> None:
-        self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    HTTP "deflate" is zlib-wrapped by the RFC and raw deflate from some
+    servers: the first two bytes tell which (``wbits`` None until then).
+    """
+
+    __slots__ = ("_obj", "_wbits", "_head")
+
+    def __init__(self, wbits: int | None):
+        self._wbits = wbits
+        self._obj = zlib.decompressobj(wbits) if wbits else None
+        self._head = b""
 
     def feed(self, data: bytes, take: Sink, room: int) -> int:
         obj = self._obj
+        if obj is None:
+            data = self._head + data
+            if len(data) < 2:
+                self._head = data
+                return 0
+            # A zlib header: CM=8 and the 16-bit header a multiple of 31 (RFC 1950).
+            wrapped = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+            self._wbits = zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS
+            obj = self._obj = zlib.decompressobj(self._wbits)
         done = 0
         while True:
             out = obj.decompress(data, PIECE_BYTES)
@@ -112,42 +127,9 @@ class _Gzip:
                 take(out)
             data = obj.unconsumed_tail
             if obj.eof and obj.unused_data:
-                # Several gzip members back to back make one body (RFC 1952).
                 data = obj.unused_data
-                obj = self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                obj = self._obj = zlib.decompressobj(self._wbits)
                 continue
-            if not data and len(out) < PIECE_BYTES:
-                return done
-
-
-class _Deflate:
-    """HTTP "deflate" is zlib-wrapped by the RFC, raw deflate by some servers: take either."""
-
-    __slots__ = ("_obj", "_head")
-
-    def __init__(self) -> None:
-        self._obj: zlib._Decompress | None = None
-        self._head = b""
-
-    def feed(self, data: bytes, take: Sink, room: int) -> int:
-        if self._obj is None:
-            data = self._head + data
-            if len(data) < 2:
-                self._head = data  # the two header bytes tell the variant apart
-                return 0
-            # A zlib header: CM=8 and the 16-bit header a multiple of 31 (RFC 1950).
-            wrapped = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
-            self._obj = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
-        obj = self._obj
-        done = 0
-        while True:
-            out = obj.decompress(data, PIECE_BYTES)
-            if out:
-                done += len(out)
-                if done > room:
-                    raise DecodeLimit(done)
-                take(out)
-            data = obj.unconsumed_tail
             if not data and len(out) < PIECE_BYTES:
                 return done
 

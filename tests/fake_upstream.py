@@ -200,7 +200,8 @@ class Encoder:
         elif coding == "deflate":
             self._obj = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS)
         elif coding == "br":
-            self._obj = brotli.Compressor()
+            # Quality 5, as servers compress dynamic answers (11 is for static files).
+            self._obj = brotli.Compressor(quality=5)
         elif coding == "zstd":
             self._obj = zstd.ZstdCompressor()
 
