@@ -7,6 +7,7 @@ log to files under pytest's tmp dir, never to a pipe nobody reads.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +79,35 @@ class Gateway:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def access_lines(self) -> list[dict]:
+        """Every access line written so far (whole lines only: one may be half written)."""
+        text = self.log_text()
+        return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()
+                if '"event":"access"' in line]
+
+    def access_line(self, match: str | Callable[[dict], bool], timeout: float = 5,
+                    newest: bool = False) -> dict:
+        """The access line with request id ``match`` (or that ``match`` accepts), waiting for it.
+
+        A stream's line is written as its record closes, just after its last byte.
+        """
+        accepts = match if callable(match) else (lambda line: line["request_id"] == match)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [line for line in self.access_lines() if accepts(line)]
+            if found:
+                return found[-1] if newest else found[0]
+            assert time.monotonic() < deadline, f"no access line matching {match!r}"
+            time.sleep(0.05)
+
+    def metrics_text(self) -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            return conn.getresponse().read().decode()
+        finally:
+            conn.close()
 
     def connection(self, provider: str, timeout: float = 10) -> http.client.HTTPConnection:
         port = self.anthropic_port if provider == "anthropic" else self.gemini_port

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -99,8 +98,8 @@ def test_claude_code_print_mode_streams_through_the_gateway(
     assert "gzip" in streamed[0].header("accept-encoding")
     session = streamed[0].header("x-claude-code-session-id")
     assert session
-    line = access_line(gateway, lambda line: line["claude_session_id"] == session
-                       and line["stream"])
+    line = gateway.access_line(lambda line: line["claude_session_id"] == session
+                               and line["stream"])
     assert (line["input_tokens"], line["stop_reason"], line["usage_unread"]) == (12, "end_turn",
                                                                                   None)
 
@@ -134,21 +133,6 @@ def test_gemini_cli_prompt_streams_through_the_gateway(gateway, fake_upstream, t
     # The CLI offers compression; the fake compressed the stream; shim read its usage.
     streamed = [r for r in seen if r.path.endswith(":streamGenerateContent")]
     assert "gzip" in streamed[-1].header("accept-encoding")
-    line = access_line(gateway, lambda line: line["provider"] == "gemini" and line["stream"]
-                       and line["ts"] >= started, newest=True)
+    line = gateway.access_line(lambda line: line["provider"] == "gemini" and line["stream"]
+                                and line["ts"] >= started, newest=True)
     assert (line["input_tokens"], line["stop_reason"], line["usage_unread"]) == (5, "STOP", None)
-
-
-def access_line(gateway, match, newest: bool = False) -> dict:
-    """The first (or newest) access line ``match`` accepts, waiting up to 5 s for it."""
-    deadline = time.monotonic() + 5
-    while True:
-        log = gateway.log_text()
-        # Only whole lines: the gateway may be writing the last one right now.
-        lines = [json.loads(text) for text in log[: log.rfind("\n") + 1].splitlines()
-                 if '"event":"access"' in text]
-        found = [line for line in lines if match(line)]
-        if found:
-            return found[-1] if newest else found[0]
-        assert time.monotonic() < deadline, "no matching access line"
-        time.sleep(0.1)

@@ -242,17 +242,8 @@ def test_with_every_key_out_of_pro_pro_gets_429_until_the_reset_and_flash_is_ser
         ["gemini-2.5-pro"]] * 3
     wait = seen[0]["models_unavailable"]["gemini-2.5-pro"]
     assert abs(wait - seconds_to_pacific_midnight()) < 5
-    text = scrape_metrics(two_workers)
+    text = two_workers.metrics_text()
     assert 'shim_gemini_keys{' in text and 'state="model_benched"' in text
-
-
-def scrape_metrics(gateway) -> str:
-    conn = http.client.HTTPConnection("127.0.0.1", gateway.metrics_port, timeout=10)
-    try:
-        conn.request("GET", "/metrics")
-        return conn.getresponse().read().decode()
-    finally:
-        conn.close()
 
 
 def test_a_gzipped_quota_answer_is_judged_per_model_too(pool_gateway, fake_upstream, test_id):
