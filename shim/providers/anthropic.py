@@ -49,7 +49,6 @@ class Anthropic(Provider):
         Route("/v1/models", "models", ("GET",)),
         Route("/v1/models/<model_id:model>", "model", ("GET",)),
     )
-    client_credential_headers = frozenset({"x-api-key", "authorization"})
     # A real newline ends the SSE field line; inside JSON text it would be escaped.
     usage_markers = (b"event: message_start\n", b"event: message_delta\n")
 
