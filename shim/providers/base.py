@@ -55,8 +55,11 @@ class Provider:
     def configured(self) -> bool:
         raise NotImplementedError
 
-    def presented_secrets(self, environ: dict) -> list[bytes]:
-        """Return every value the client presented as the secret (possibly none)."""
+    def presented_secrets(self, environ: dict) -> list[bytes | None]:
+        """Return every value found where this port accepts the secret (duplicates included).
+
+        shim.auth reduces them to distinct candidates (shim.candidates.distinct).
+        """
         raise NotImplementedError
 
     def upstream_query(self, query: str, secret: bytes | None = None) -> str:

@@ -119,9 +119,9 @@ class Gemini(Provider):
     def configured(self) -> bool:
         return len(self.keys) > 0
 
-    def presented_secrets(self, environ: dict) -> list[bytes]:
+    def presented_secrets(self, environ: dict) -> list[bytes | None]:
         header = environ.get("HTTP_X_GOOG_API_KEY")
-        presented = [header.encode("latin-1")] if header is not None else []
+        presented = [header.encode("latin-1") if header is not None else None]
         query = environ.get("QUERY_STRING", "")
         if query and ("key" in query.lower() or "%" in query):
             # Exactly `key` after decoding (so `%6Bey` too), as Google reads it;
