@@ -8,6 +8,7 @@ tests/test_live_candidates.py.
 
 from __future__ import annotations
 
+import json
 from urllib.parse import quote
 
 import pytest
@@ -25,6 +26,7 @@ from shim.candidates import (
     query_params,
     without_credentials,
 )
+from shim.forward import SECRET_IN_PATH
 from tests.conftest import ANTHROPIC_BASE, GEMINI_BASE, SECRET
 
 ANTHROPIC_UP = "https://anthropic.upstream.test"
@@ -252,3 +254,49 @@ def test_each_candidate_counts_as_one_failed_guess(make_client, no_upstream, gue
     assert answer.status_code == then
     if then == 429:
         assert answer.json["error"]["status"] == "RESOURCE_EXHAUSTED"
+
+
+def test_a_secret_copied_into_other_headers_and_parameters_is_not_forwarded(make_client, rsps):
+    rsps.add(responses.POST, MESSAGES, json={})
+    headers = {
+        "x-api-key": SECRET,
+        "x-copy": SECRET,
+        "x-note": f"token is {SECRET}!",
+        "x-goog-iam-authorization-token": SECRET,
+        "x-kept": "fine",
+    }
+    query = f"beta=true&note={quote(SECRET)}&{SECRET}=1&api_key={SECRET}"
+    assert call(make_client(), "anthropic", headers, query).status_code == 200
+    sent = rsps.calls[0].request
+    assert sent.url == f"{MESSAGES}?beta=true"
+    names = {name.lower() for name in sent.headers}
+    assert "x-kept" in names
+    assert not names & {"x-copy", "x-note", "x-api-key", "x-goog-iam-authorization-token"}
+    assert all(SECRET not in value for value in sent.headers.values())
+
+
+@pytest.mark.parametrize(
+    ("port", "path", "headers"),
+    [
+        ("anthropic", f"/v1/models/{SECRET}", {"x-api-key": SECRET}),
+        ("gemini", f"/v1beta/models/{SECRET}:generateContent", {"x-goog-api-key": SECRET}),
+        ("gemini", f"/v1beta/models/x-{SECRET}", {"x-goog-api-key": SECRET}),
+    ],
+)
+def test_a_path_carrying_the_secret_is_refused_not_forwarded(
+    make_client, no_upstream, port, path, headers
+):
+    base = ANTHROPIC_BASE if port == "anthropic" else GEMINI_BASE
+    method = "POST" if ":" in path else "GET"
+    response = make_client().open(
+        path,
+        base_url=base,
+        method=method,
+        data=b"{}",
+        headers=headers,
+        content_type="application/json",
+    )
+    assert response.status_code == 400
+    message = json.loads(response.data)["error"]["message"]
+    assert message == SECRET_IN_PATH and SECRET not in response.data.decode()
+    assert len(no_upstream.calls) == 0
