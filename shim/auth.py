@@ -1,11 +1,17 @@
 """The secret check both providers put in front of every forwarded route.
 
 Where the secret arrives differs per provider (the provider says); how it is
-checked does not: every presented value is matched against every known client
+checked does not: the presented value is matched against every known client
 (``shim.clients``: SHA-256 digests compared with ``hmac.compare_digest`` on
 bytes, no early exit). Bytes matter: on ``str`` compare_digest raises TypeError
 for non-ASCII input, which would turn a crafted header into a 500. The client's
 name goes into the access record, so logs and metrics say who called.
+
+One guess per request (issue #14): a request presenting more than one
+*distinct* value (``shim.candidates.distinct``) is refused 401 without any
+comparison, and every one of its values counts as a failed guess. Nothing in
+that answer, or in how far the throttle moved, depends on whether one of them
+was right, so a batch is never cheaper or more telling than single guesses.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import request
 
+from shim.candidates import SECRET_ENVIRON, distinct
 from shim.clients import ClientTable
 from shim.errors import AuthThrottled, Unauthorized
 from shim.throttle import AuthThrottle
@@ -26,6 +33,9 @@ log = logging.getLogger("shim.auth")
 
 if TYPE_CHECKING:
     from shim.providers.base import Provider
+
+# Fixed: said whatever the values were, so it tells nothing about any of them.
+CONFLICTING = "More than one different gateway secret was presented; send exactly one."
 
 
 def authenticated(
@@ -50,21 +60,44 @@ def authenticated(
                         extra={"event": "auth_throttled", "client_ip": address},
                     )
                     raise AuthThrottled(headers=(("Retry-After", str(math.ceil(wait))),))
-            client = clients.match(provider.presented_secrets(environ))
+            candidates = distinct(provider.presented_secrets(environ))
+            if len(candidates) > 1:
+                log.warning(
+                    "more than one distinct secret presented: refused unchecked",
+                    extra={
+                        "event": "auth_conflicting_secrets",
+                        "client_ip": address,
+                        "candidates": len(candidates),
+                    },
+                )
+                _count_failures(throttle, address, len(candidates))
+                raise Unauthorized(CONFLICTING)
+            client = clients.match(candidates)
             if client is None:
-                if throttle is not None and throttle.failed(address):
-                    log.warning(
-                        "too many failed secret checks; address cooling off",
-                        extra={
-                            "event": "auth_throttled",
-                            "client_ip": address,
-                            "cooloff_s": throttle.cooloff_s,
-                        },
-                    )
+                # No value at all counts too: a probe is a guess.
+                _count_failures(throttle, address, 1)
                 raise Unauthorized()
             environ["shim.record"].client = client
+            # For shim.forward: no copy of it goes upstream in another header or parameter.
+            environ[SECRET_ENVIRON] = candidates[0]
             return view(*args, **kwargs)
 
         return checked
 
     return decorator
+
+
+def _count_failures(throttle: AuthThrottle | None, address: str | None, count: int) -> None:
+    """Count ``count`` failed guesses from ``address``; log once if they start a cool-off."""
+    if throttle is None:
+        return
+    # One call for all of them: with Redis that is one round trip, not one per guess.
+    if throttle.failed(address, count):
+        log.warning(
+            "too many failed secret checks; address cooling off",
+            extra={
+                "event": "auth_throttled",
+                "client_ip": address,
+                "cooloff_s": throttle.cooloff_s,
+            },
+        )

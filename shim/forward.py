@@ -29,6 +29,7 @@ from werkzeug.wrappers import Response
 
 from shim import hangup, usage
 from shim.access import AccessRecord
+from shim.candidates import SECRET_ENVIRON
 from shim.errors import (
     BadRequest,
     GatewayError,
@@ -196,24 +197,39 @@ class Forwarder:
 
 
 def upstream_headers(environ: dict, credential_headers: frozenset[str]) -> dict[str, str]:
-    """Return the client's end-to-end headers, minus its credentials, lower-cased."""
+    """Return the client's end-to-end headers, minus its credentials, lower-cased.
+
+    Beyond the credential headers by name, a header whose value carries the
+    secret that authenticated the request is dropped too (issue #14).
+    """
     connection = environ.get("HTTP_CONNECTION")
     # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1); the usual
     # "keep-alive"/"close" tokens name nothing else, so check them only then.
     named = (
         {t.strip().lower() for t in connection.split(",")} - _CONNECTION_WORDS if connection else ()
     )
+    secret = _secret_text(environ)
     headers: dict[str, str] = {}
     for key, value in environ.items():
         if key.startswith("HTTP_"):
             name = key[5:].replace("_", "-").lower()
             if name not in REQUEST_DROP and name not in credential_headers and name not in named:
-                headers[name] = value
+                if secret is None or secret not in value:
+                    headers[name] = value
     content_type = environ.get("CONTENT_TYPE")
-    if content_type:
+    if content_type and (secret is None or secret not in content_type):
         headers["content-type"] = content_type
     return headers
 
+
+def _secret_text(environ: dict) -> str | None:
+    # As WSGI text (latin-1), to search header values and the raw query without
+    # decoding each of them; None (no check) when no secret was presented.
+    secret = environ.get(SECRET_ENVIRON)
+    return secret.decode("latin-1") if secret else None
+
+
+SECRET_IN_PATH = "The request path contains the gateway secret; send it only as a credential."
 
 # Characters that may stand in a query string as they are; anything else is
 # percent-encoded before it goes on the wire (http.client refuses non-ASCII).
@@ -223,11 +239,19 @@ _QUERY_SAFE = frozenset(
 
 
 def upstream_path(environ: dict, provider: Provider) -> str:
-    """Return path and query to request upstream; the path already passed the route allow-list."""
+    """Return path and query to request upstream; the path already passed the route allow-list.
+
+    The query loses every credential parameter and any pair carrying the
+    client's secret; a path carrying it (a model id, say) cannot be trimmed,
+    so the request is refused.
+    """
     path = environ.get("PATH_INFO", "")
     query = environ.get("QUERY_STRING", "")
+    secret = environ.get(SECRET_ENVIRON)
+    if secret and secret.decode("latin-1") in path:
+        raise BadRequest(SECRET_IN_PATH)
     if query:
-        query = provider.upstream_query(query)
+        query = provider.upstream_query(query, secret)
     if not query:
         return path
     if not _QUERY_SAFE.issuperset(query):

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from shim import create_app
+from shim.candidates import CREDENTIAL_PARAMS, query_params, without_credentials
 from shim.keys import KeyFileError, load_keys
 from shim.providers.anthropic import merge_beta
-from shim.providers.gemini import query_params, without_key
 from shim.settings import ConfigError, Settings
 from tests.conftest import ANTHROPIC_BASE, GEMINI_BASE, ROOT, SECRET, settings_env
 
@@ -119,23 +119,30 @@ def test_beta_merge_keeps_order_drops_duplicates_and_adds_oauth_once(betas, sepa
 
 
 PARAM_NAME = st.one_of(
-    st.sampled_from(["key", "KEY", "%6Bey", "k%65y", "alt", "pageSize", "key2", "a+b", "%2B", ""]),
+    st.sampled_from(
+        ["key", "KEY", "%6Bey", "k%65y", "Api_Key", "access%5Ftoken", "alt", "pageSize", "key2"]
+        + ["a+b", "%2B", ""]
+    ),
     st.text(min_size=1, max_size=5),
 )
 PARAM_VALUE = st.text(min_size=0, max_size=8)
 
 
+def _is_credential(name: bytes) -> bool:
+    return name.lower() in CREDENTIAL_PARAMS
+
+
 @given(st.lists(st.tuples(PARAM_NAME, PARAM_VALUE), max_size=8))
-def test_query_rewrite_drops_every_key_and_keeps_every_other_pair_in_order(pairs):
+def test_query_rewrite_drops_every_credential_and_keeps_every_other_pair_in_order(pairs):
     encoded = [
         (name if "%" in name else quote(name, safe="+"), quote(value, safe=""))
         for name, value in pairs
     ]
     query = "&".join(f"{n}={v}" for n, v in encoded)
-    rewritten = without_key(query)
-    kept = [pair for name, pair in query_params(query) if name != b"key"]
+    rewritten = without_credentials(query)
+    kept = [pair for name, pair in query_params(query) if not _is_credential(name)]
     assert (rewritten.split("&") if rewritten else []) == kept
-    assert all(name != b"key" for name, _ in query_params(rewritten))
+    assert not any(_is_credential(name) for name, _ in query_params(rewritten))
 
 
 KEY = st.text(

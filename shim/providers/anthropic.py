@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from shim.access import AccessRecord
+from shim.candidates import bearer
 from shim.errors import GatewayError, ProviderNotConfigured, anthropic_error_body
 from shim.providers.base import Provider, Route
 
@@ -49,7 +50,6 @@ class Anthropic(Provider):
         Route("/v1/models", "models", ("GET",)),
         Route("/v1/models/<model_id:model>", "model", ("GET",)),
     )
-    client_credential_headers = frozenset({"x-api-key", "authorization"})
     # A real newline ends the SSE field line; inside JSON text it would be escaped.
     usage_markers = (b"event: message_start\n", b"event: message_delta\n")
 
@@ -82,15 +82,12 @@ class Anthropic(Provider):
             return "oauth_file"
         return "oauth" if self._oauth_token else "api_key" if self._api_key else "none"
 
-    def presented_secrets(self, environ: dict) -> list[bytes]:
-        presented = []
+    def presented_secrets(self, environ: dict) -> list[bytes | None]:
         api_key = environ.get("HTTP_X_API_KEY")
-        if api_key is not None:
-            presented.append(api_key.encode("latin-1"))
-        authorization = environ.get("HTTP_AUTHORIZATION")
-        if authorization is not None and authorization[:7].lower() == "bearer ":
-            presented.append(authorization[7:].strip().encode("latin-1"))
-        return presented
+        return [
+            api_key.encode("latin-1") if api_key is not None else None,
+            bearer(environ.get("HTTP_AUTHORIZATION")),
+        ]
 
     def add_credential(self, headers: dict[str, str], model: str | None = None) -> str | None:
         if self._refresher is not None or self._bearer is not None:

@@ -16,6 +16,7 @@ from flask import Blueprint, Response, request
 
 from shim.access import AccessRecord
 from shim.auth import authenticated
+from shim.candidates import CREDENTIAL_HEADERS, without_credentials
 from shim.clients import ClientTable
 from shim.errors import GatewayError
 from shim.limits import Limiter
@@ -36,8 +37,9 @@ class Provider:
 
     name: str = ""
     routes: tuple[Route, ...] = ()
-    # Lower-case header names that carry the client's secret: never forwarded.
-    client_credential_headers: frozenset[str] = frozenset()
+    # Lower-case header names never forwarded: every credential header of *either*
+    # API, whichever port it arrived on (issue #14), not just where this one reads.
+    client_credential_headers: frozenset[str] = CREDENTIAL_HEADERS
     # Upstream statuses whose (small) body the core reads and shows to after_failure.
     retry_statuses: frozenset[int] = frozenset()
     # The access-record field that names the credential used (None: not logged).
@@ -53,13 +55,16 @@ class Provider:
     def configured(self) -> bool:
         raise NotImplementedError
 
-    def presented_secrets(self, environ: dict) -> list[bytes]:
-        """Return every value the client presented as the secret (possibly none)."""
+    def presented_secrets(self, environ: dict) -> list[bytes | None]:
+        """Return every value found where this port accepts the secret (duplicates included).
+
+        shim.auth reduces them to distinct candidates (shim.candidates.distinct).
+        """
         raise NotImplementedError
 
-    def upstream_query(self, query: str) -> str:
-        """Return the query string to forward (the client's, unless a provider must strip)."""
-        return query
+    def upstream_query(self, query: str, secret: bytes | None = None) -> str:
+        """Return the query to forward: no credential parameter, nothing carrying ``secret``."""
+        return without_credentials(query, secret)
 
     def add_credential(self, headers: dict[str, str], model: str | None = None) -> str | None:
         """Attach the upstream credential for a call to ``model`` (the route's, if any).

@@ -1,8 +1,10 @@
 """Google Gemini API: routes under /v1beta and /v1, secret as x-goog-api-key or ?key=.
 
-The client's ``key`` query parameter is the shared secret, so it is removed
-from the forwarded query; the upstream key (next in the pool) travels in the
-``x-goog-api-key`` header, never in a URL, so it cannot end up in an access log.
+The client's ``key`` query parameter is the shared secret; like every
+credential parameter it is removed from the forwarded query (the base
+``upstream_query``, shim.candidates). The upstream key (next in the pool)
+travels in the ``x-goog-api-key`` header, never in a URL, so it cannot end up
+in an access log.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from urllib.parse import unquote_to_bytes
 
 from shim.access import AccessRecord
+from shim.candidates import param_values
 from shim.decode import DecodeFailed, DecodeLimit, Decoder, coding_of
 from shim.errors import GatewayError, ProviderNotConfigured, RateLimited, google_error_body
 from shim.keys import KeyPool
@@ -23,23 +25,6 @@ log = logging.getLogger("shim.gemini")
 
 ACTIONS = "generateContent,streamGenerateContent,countTokens,embedContent,batchEmbedContents"
 _VERSION = "<any(v1beta,v1):version>"
-
-
-def query_params(query: str) -> list[tuple[bytes, str]]:
-    """Split a raw query into (decoded name, raw pair) so names can be matched exactly."""
-    pairs = []
-    for pair in query.split("&"):
-        if pair:
-            name = pair.split("=", 1)[0]
-            pairs.append((unquote_to_bytes(name.replace("+", " ")), pair))
-    return pairs
-
-
-def without_key(query: str) -> str:
-    """Return ``query`` with every ``key`` parameter removed, other pairs raw and in order."""
-    if "key" not in query.lower() and "%" not in query:
-        return query
-    return "&".join(pair for name, pair in query_params(query) if name != b"key")
 
 
 DEFAULT_COOL_DOWN_S = 60.0
@@ -171,7 +156,6 @@ class Gemini(Provider):
         Route(f"/{_VERSION}/models/<model_id:model>", "model", ("GET",)),
         Route(f"/{_VERSION}/models/<model_id:model>:<any({ACTIONS}):action>", "action", ("POST",)),
     )
-    client_credential_headers = frozenset({"x-goog-api-key", "authorization"})
     # Answers that may be about the key rather than the request.
     retry_statuses = frozenset({400, 403, 429})
     credential_log_field = "gemini_key_id"
@@ -189,21 +173,15 @@ class Gemini(Provider):
     def configured(self) -> bool:
         return len(self.keys) > 0
 
-    def presented_secrets(self, environ: dict) -> list[bytes]:
-        presented = []
+    def presented_secrets(self, environ: dict) -> list[bytes | None]:
         header = environ.get("HTTP_X_GOOG_API_KEY")
-        if header is not None:
-            presented.append(header.encode("latin-1"))
+        presented = [header.encode("latin-1") if header is not None else None]
         query = environ.get("QUERY_STRING", "")
-        if query:
-            for name, pair in query_params(query):
-                if name == b"key":
-                    value = pair.partition("=")[2]
-                    presented.append(unquote_to_bytes(value.replace("+", " ")))
+        if query and ("key" in query.lower() or "%" in query):
+            # Exactly `key` after decoding (so `%6Bey` too), as Google reads it;
+            # `KEY=` or `api_key=` are not read here, only stripped before forwarding.
+            presented += param_values(query, b"key")
         return presented
-
-    def upstream_query(self, query: str) -> str:
-        return without_key(query)
 
     def add_credential(self, headers: dict[str, str], model: str | None = None) -> str | None:
         key = self.keys.next_key(model)
