@@ -145,8 +145,8 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
     throttle = AuthThrottle(
         settings.auth_failures_max, settings.auth_failures_window_s, settings.auth_cooloff_s
     )
-    readiness = Readiness(anthropic, gemini, state)
     clients = ClientTable(settings.shared_secret, settings.clients_file)
+    readiness = Readiness(anthropic, gemini, state, clients)
     limiter = Limiter(state, on_reject=metrics.limit_rejected, on_state_error=metrics.state_failed)
     for provider in (anthropic, gemini):
         blueprint = make_blueprint(provider, clients, forwarder.forward, throttle, limiter)
