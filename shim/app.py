@@ -151,8 +151,8 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
         shared=RedisFailures(settings.state_url) if shared else None,
         on_state_error=metrics.state_failed,
     )
-    readiness = Readiness(anthropic, gemini, state)
     clients = ClientTable(settings.shared_secret, settings.clients_file)
+    readiness = Readiness(anthropic, gemini, state, clients)
     limiter = Limiter(state, on_reject=metrics.limit_rejected, on_state_error=metrics.state_failed)
     for provider in (anthropic, gemini):
         blueprint = make_blueprint(provider, clients, forwarder.forward, throttle, limiter)

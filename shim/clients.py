@@ -8,14 +8,13 @@ prints a fresh random secret (shown once) and the line to add. The single
 
 Matching hashes each presented value once and compares the digest with every
 entry using ``hmac.compare_digest``, without stopping at a match: no map keyed
-by the secret, no early exit. The file is re-read when its modification time
-changes (checked at most once a second); a malformed file keeps the last good
-table and says why in the log.
+by the secret, no early exit. The file is re-read when it changes (checked at
+most once a second, see ``ClientTable``); a missing or malformed file keeps the
+last good table, logs an error at every check and shows in ``/health/ready``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -76,25 +75,40 @@ def parse_clients(text: str) -> tuple[Client, ...]:
 
 
 class ClientTable:
-    """The clients shim accepts, reloaded from their file when it changes."""
+    """The clients shim accepts, reloaded from their file when it changes.
+
+    A change is any difference in (device, inode, size, mtime_ns, ctime_ns):
+    a file replaced by rename keeps its mtime under ``rsync -a``/``cp -p`` but
+    gets a new inode, and a rewrite in place with its mtime set back still
+    moves ctime, which no user-level tool can set. A missing or unusable file
+    keeps the last good table (refusing everyone because a config manager
+    is mid-deploy would be worse), logs an error at every check, and shows
+    in ``state()`` for readiness.
+    """
 
     def __init__(
         self,
         shared_secret: str | None,
         path: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        check_interval_s: float = 1.0,
     ):
         self._default = (
             (Client(DEFAULT_CLIENT, digest(shared_secret.encode())),) if shared_secret else ()
         )
         self._path = path
         self._clock = clock
+        self._interval = check_interval_s
         self._entries: tuple[Client, ...] = self._default
         self._limits: dict[str, Limits] = {}
-        self._mtime: float | None = None
+        self._seen: tuple[int, ...] | None = None  # fingerprint of the last good file
+        self._problem: str | None = None  # why the file on disk is not in use, if it is not
+        self._loaded_at: float | None = None  # wall clock of the last good load
         self._checked = float("-inf")
         if path:
-            self._load(initial=True)
+            problem = self._load()
+            if problem is not None:
+                raise ClientsFileError(problem)
 
     def __repr__(self) -> str:
         return f"ClientTable(clients={self.names})"
@@ -109,7 +123,7 @@ class ClientTable:
 
     def match(self, presented: list[bytes]) -> str | None:
         """Return the name of the client whose secret is among ``presented``, else None."""
-        self._maybe_reload()
+        self.check()
         found = None
         for value in presented:
             candidate = digest(value)
@@ -119,45 +133,99 @@ class ClientTable:
                     found = name
         return found
 
-    def _maybe_reload(self) -> None:
+    def state(self) -> dict | None:
+        """The clients file for readiness (no path, names or digests); None without a file."""
+        if self._path is None:
+            return None
+        self.check()
+        return {
+            "state": "ok" if self._problem is None else self._problem.split(":", 1)[0],
+            "clients": len(self._entries) - len(self._default),
+            "loaded_at": _iso(self._loaded_at),
+            "error": self._problem,
+        }
+
+    def check(self) -> None:
+        """Reload the file if it changed; at most once per check interval."""
         if self._path is None:
             return
         now = self._clock()
-        if now - self._checked < 1.0:
+        if now - self._checked < self._interval:
             return
         self._checked = now
         try:
-            mtime = os.stat(self._path).st_mtime
-        except OSError:
-            return  # gone for a moment (an editor's rename): keep the last good table
-        if mtime != self._mtime:
-            self._load(initial=False)
+            seen = _fingerprint(os.stat(self._path))
+        except OSError as exc:
+            self._fail(_reason(exc))
+            return
+        # A file that was bad is read again at every check, so its error is
+        # logged at every check too, until it is fixed or replaced.
+        if seen != self._seen or self._problem is not None:
+            problem = self._load()
+            if problem is not None:
+                self._fail(problem)
 
-    def _load(self, initial: bool) -> None:
+    def _load(self) -> str | None:
+        """Read and install the file; return why it cannot be used, or None."""
         try:
-            mtime = os.stat(self._path).st_mtime
-            with open(self._path, encoding="utf-8") as handle:
+            with open(self._path, encoding="utf-8") as handle:  # type: ignore[arg-type]
+                # Fingerprint what is opened, before reading: a write racing the
+                # read changes it, so the next check reads the file again.
+                seen = _fingerprint(os.fstat(handle.fileno()))
                 entries = parse_clients(handle.read())
         except (OSError, UnicodeDecodeError, ClientsFileError) as exc:
-            reason = str(exc) if isinstance(exc, ClientsFileError) else type(exc).__name__
-            if initial:
-                raise ClientsFileError(reason) from None
-            # Remember the bad version so it is reported once, not every second.
-            with contextlib.suppress(OSError):
-                self._mtime = os.stat(self._path).st_mtime
-            log.warning(
-                "clients file invalid; keeping the last good one",
-                extra={"event": "clients_file_invalid", "reason": reason},
-            )
-            return
+            return _reason(exc)
+        initial = self._seen is None
+        recovered = self._problem is not None
         self._entries = self._default + entries
         self._limits = {entry.name: entry.limits for entry in entries if entry.limits}
-        self._mtime = mtime
+        self._seen = seen
+        self._problem = None
+        self._loaded_at = time.time()
         if not initial:
             log.info(
                 "clients file reloaded",
-                extra={"event": "clients_file_reloaded", "clients": len(entries)},
+                extra={
+                    "event": "clients_file_reloaded",
+                    "clients": len(entries),
+                    "recovered": recovered,
+                },
             )
+        return None
+
+    def _fail(self, problem: str) -> None:
+        self._problem = problem
+        log.error(
+            "clients file unusable; keeping the last good table",
+            extra={
+                "event": "clients_file_missing"
+                if problem.startswith("missing")
+                else "clients_file_invalid",
+                "reason": problem,
+                "clients": len(self._entries) - len(self._default),
+            },
+        )
+
+
+def _fingerprint(stat: os.stat_result) -> tuple[int, ...]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def _reason(exc: Exception) -> str:
+    """Why the file cannot be used, as ``state: detail``; never its content."""
+    if isinstance(exc, FileNotFoundError):
+        return "missing: no such file"
+    if isinstance(exc, ClientsFileError):
+        return f"invalid: {exc}"
+    if isinstance(exc, UnicodeDecodeError):
+        return "invalid: not UTF-8"
+    return f"unreadable: {type(exc).__name__}"
+
+
+def _iso(moment: float | None) -> str | None:
+    if moment is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
 
 
 def main(argv: list[str]) -> int:

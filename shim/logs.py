@@ -3,7 +3,8 @@
 Fixed field names; values go in fields, never into the message; ``event`` is a
 snake_case constant. Redaction is by construction (callers log fields, never
 header dicts or full URLs); ``SecretFilter`` is the backstop: any configured
-secret that still reaches a record is replaced before the line is written.
+secret that still reaches a record is replaced before the line is written,
+in a traceback too (an exception message or a source line can quote a key).
 
 ``gunicorn_logconfig`` gives gunicorn's own loggers the same format; its
 access logger is silenced because its request line would carry a client's
@@ -56,11 +57,22 @@ def _entry(record: logging.LogRecord) -> dict:
     return entry
 
 
+def _exception_text(formatter: logging.Formatter, record: logging.LogRecord) -> str | None:
+    """The record's traceback: SecretFilter's redacted ``exc_text`` when it made one."""
+    if record.exc_info and not record.exc_text:
+        record.exc_text = formatter.formatException(record.exc_info)
+    text = record.exc_text or ""
+    if record.stack_info:
+        text = f"{text}\n{record.stack_info}" if text else record.stack_info
+    return text or None
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = _entry(record)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        exception = _exception_text(self, record)
+        if exception:
+            entry["exception"] = exception
         return orjson.dumps(entry, default=str).decode()
 
 
@@ -74,12 +86,14 @@ class TextFormatter(logging.Formatter):
         entry.pop("logger")
         pairs = " ".join(f"{k}={v}" for k, v in entry.items() if v is not None)
         line = f"{head} {message} {pairs}".rstrip()
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+        exception = _exception_text(self, record)
+        if exception:
+            line += "\n" + exception
         return line
 
 
 FORMATTERS = {"json": JsonFormatter, "text": TextFormatter}
+_TRACEBACKS = logging.Formatter()
 
 
 class SecretFilter(logging.Filter):
@@ -119,6 +133,15 @@ class SecretFilter(logging.Filter):
         for key, value in list(record.__dict__.items()):
             if key not in _STANDARD and isinstance(value, str):
                 record.__dict__[key] = self._clean(value)
+        # Format the traceback here, once, so what the formatter prints is the
+        # cleaned text (logging caches it in exc_text and every formatter,
+        # shim's and the stdlib's, prints exc_text when it is set).
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self._clean(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self._clean(record.stack_info)
         return True
 
 

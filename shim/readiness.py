@@ -9,6 +9,11 @@ for (seconds left), and ``models_unavailable`` the models no key serves now.
 The state store (Redis) is reported but never makes the gateway unready:
 limits fail open without it, and taking every box out of the load balancer
 because Redis is down would turn a degraded gateway into a dead one.
+
+The clients file (``SHIM_CLIENTS_FILE``) is reported the same way: when it is
+missing or invalid the last good table still serves, so the gateway stays
+ready and ``clients_file.state`` says what is wrong (``missing``,
+``invalid``, ``unreadable``) for a monitor to alert on.
 """
 
 from __future__ import annotations
@@ -17,14 +22,22 @@ import orjson
 from flask import Response
 
 from shim.access import AccessRecord
+from shim.clients import ClientTable
 from shim.providers.anthropic import Anthropic
 from shim.providers.gemini import Gemini
 from shim.state import State
 
 
 class Readiness:
-    def __init__(self, anthropic: Anthropic, gemini: Gemini, state: State | None = None):
+    def __init__(
+        self,
+        anthropic: Anthropic,
+        gemini: Gemini,
+        state: State | None = None,
+        clients: ClientTable | None = None,
+    ):
         self.state = state
+        self.clients = clients
         self.anthropic = anthropic
         self.gemini = gemini
         self.last_status: dict[str, int | None] = {"anthropic": None, "gemini": None}
@@ -76,6 +89,9 @@ class Readiness:
         report = {"status": "ready" if ready else "unavailable", "providers": providers}
         if self.state is not None and self.state.shared:
             report["state"] = {"store": "redis", "reachable": self.state.reachable()}
+        clients_file = self.clients.state() if self.clients is not None else None
+        if clients_file is not None:
+            report["clients_file"] = clients_file
         return report, ready
 
     def response(self) -> Response:
