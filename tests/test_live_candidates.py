@@ -2,9 +2,10 @@
 
 The shared ``gateway`` (2 gevent workers, throttling off) shows what reaches
 the fake upstream; a dedicated gateway with SHIM_AUTH_FAILURES_MAX=5 shows
-how candidates are counted. The failed-secret count is kept per worker on
-this branch, so each counting scenario uses one keep-alive connection (one
-worker) from its own loopback source address (its own count).
+how candidates are counted. The failed-secret count is shared by the
+workers, and a refused request ends its connection, so each request of a
+counting scenario comes on a new connection (either worker) from the
+scenario's own loopback source address (its own count).
 """
 
 from __future__ import annotations
@@ -194,12 +195,15 @@ def session(gateway, port: str, source: str) -> http.client.HTTPConnection:
     return http.client.HTTPConnection("127.0.0.1", number, timeout=10, source_address=(source, 0))
 
 
-def statuses(conn, port: str, requests) -> list[int]:
+def statuses(gateway, port: str, source: str, requests) -> list[int]:
     answers = []
     for headers, query in requests:
-        response, _ = post(conn, port, headers, query)
-        # One connection throughout, so one worker's count (see the module docstring).
-        assert not response.will_close
+        # A new connection each time: a 401 closes its connection (issue #14).
+        conn = session(gateway, port, source)
+        try:
+            response, _ = post(conn, port, headers, query)
+        finally:
+            conn.close()
         answers.append(response.status)
     return answers
 
@@ -223,13 +227,15 @@ FIVE = {
 def test_the_cool_off_begins_after_exactly_five_guesses_spread_over_requests_and_places(
     counting_gateway, port, source
 ):
+    *guessing, last = FIVE[port]
+    # Four guesses: not yet; the right secret is still served.
+    assert statuses(counting_gateway, port, source, [*guessing, RIGHT[port]]) == [401] * len(
+        guessing
+    ) + [200]
+    # The fifth begins the cool-off: now even the right secret waits.
+    assert statuses(counting_gateway, port, source, [last]) == [401]
     conn = session(counting_gateway, port, source)
     try:
-        *guessing, last = FIVE[port]
-        # Four guesses: not yet; the right secret is still served.
-        assert statuses(conn, port, [*guessing, RIGHT[port]]) == [401] * len(guessing) + [200]
-        # The fifth begins the cool-off: now even the right secret waits.
-        assert statuses(conn, port, [last]) == [401]
         response, body = post(conn, port, *RIGHT[port])
     finally:
         conn.close()
@@ -243,15 +249,10 @@ def test_the_cool_off_begins_after_exactly_five_guesses_spread_over_requests_and
 
 
 def test_189_guesses_in_one_request_are_189_failures_not_one(counting_gateway):
-    conn = session(counting_gateway, "gemini", "127.0.1.4")
-    try:
-        many = "&".join(f"key={w}" for w in SHORT)
-        assert statuses(conn, "gemini", [([], many + f"&key={SECRET}"), RIGHT["gemini"]]) == [
-            401,
-            429,
-        ]
-    finally:
-        conn.close()
+    many = "&".join(f"key={w}" for w in SHORT)
+    assert statuses(
+        counting_gateway, "gemini", "127.0.1.4", [([], many + f"&key={SECRET}"), RIGHT["gemini"]]
+    ) == [401, 429]
     log = counting_gateway.log_text()
     assert SECRET not in log and SHORT[0] not in log
     events = [json.loads(line).get("event") for line in log.splitlines() if line.startswith("{")]

@@ -142,11 +142,16 @@ def test_compressed_answer_is_relayed_as_sent_and_its_usage_is_read(
     assert (line["input_tokens"], line["output_tokens"]) == (1234, 56)
     assert line["stop_reason"] == SHAPES[shape][3]
     assert line["usage_unread"] is None
-    after = scrape(gw)
+    # The metrics are fed just after the access line is written: wait for them too.
     for kind, count in (("input", 1234), ("output", 56)):
-        rise = (metric(after, "shim_tokens_total", provider=provider, kind=kind)
-                - metric(before, "shim_tokens_total", 0.0, provider=provider, kind=kind))
-        assert rise == count
+        start = metric(before, "shim_tokens_total", 0.0, provider=provider, kind=kind)
+
+        def rise(kind: str = kind, start: float = start) -> float:
+            return metric(scrape(gw), "shim_tokens_total", 0.0, provider=provider,
+                          kind=kind) - start
+
+        wait_for(lambda count=count, rise=rise: rise() >= count, 3)
+        assert rise() == count
 
 
 def test_a_client_with_a_token_budget_is_stopped_whatever_it_accepts(gw, test_id):
