@@ -73,6 +73,14 @@ class AccessRecord:
         "quota_reset",
         "quota_5h_utilization",
         "quota_7d_utilization",
+        "quota_representative_claim",
+        "quota_5h_reset",
+        "quota_7d_reset",
+        "quota_overage_status",
+        "quota_overage_disabled_reason",
+        "quota_fallback",
+        "quota_fallback_percentage",
+        "refusal",
         "error",
         "deferred",
         "_last",
@@ -113,6 +121,11 @@ class AccessRecord:
         self.gemini_key_id = self.claude_session_id = None
         self.quota_status = self.quota_reset = None
         self.quota_5h_utilization = self.quota_7d_utilization = None
+        self.quota_representative_claim = self.quota_5h_reset = self.quota_7d_reset = None
+        self.quota_overage_status = self.quota_overage_disabled_reason = None
+        self.quota_fallback = self.quota_fallback_percentage = None
+        # A subscription refusal recognised in the error answer (shim.refusals.KINDS).
+        self.refusal: str | None = None
         self.status = self.upstream_status = None
         self.input_tokens = self.output_tokens = None
         self.cache_read_tokens = self.cache_creation_tokens = None
@@ -169,6 +182,14 @@ class AccessRecord:
             "quota_reset": self.quota_reset,
             "quota_5h_utilization": self.quota_5h_utilization,
             "quota_7d_utilization": self.quota_7d_utilization,
+            "quota_representative_claim": self.quota_representative_claim,
+            "quota_5h_reset": self.quota_5h_reset,
+            "quota_7d_reset": self.quota_7d_reset,
+            "quota_overage_status": self.quota_overage_status,
+            "quota_overage_disabled_reason": self.quota_overage_disabled_reason,
+            "quota_fallback": self.quota_fallback,
+            "quota_fallback_percentage": self.quota_fallback_percentage,
+            "refusal": self.refusal,
             "error": self.error,
         }
         if self.stream:

@@ -157,6 +157,7 @@ class Forwarder:
                     },
                 )
                 continue
+            provider.read_error(raw.status, raw.headers.get("content-encoding"), answer, record)
             return whole_response(raw, answer)
         raise AssertionError("unreachable")  # the loop always returns on its second pass
 
@@ -358,6 +359,9 @@ def relay(
     encoding = raw.headers.get("content-encoding")
     if length is not None and length.isdigit() and int(length) <= WHOLE_BODY_BYTES:
         body = read_whole(raw, provider, record)
+        if raw.status >= 400:
+            # An error answer (a subscription refusal?): read from a copy, relay `body` as sent.
+            provider.read_error(raw.status, encoding, body, record)
         if provider.usage_markers and content_type.startswith("application/json"):
             # Read from a decoded copy when compressed; the client gets `body` as sent.
             why = usage.read_whole(body, encoding, lambda data: provider.read_usage(data, record))

@@ -24,6 +24,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from shim import quota
 from shim.access import AccessRecord
 
 MAX_MODELS = 50
@@ -85,6 +86,9 @@ OAUTH_REFRESHES = Counter(
     "worker's refresh picked up from the credentials file)",
     ["result"],
 )
+# Subscription quota gauges (issue #15): written only when a worker sees the
+# quota state change (shim.quota.QuotaWatch), never per request; across workers
+# the most recent write wins. Labels come from fixed vocabularies plus "other".
 QUOTA_STATUS = Gauge(
     "shim_subscription_quota_status",
     "Last anthropic-ratelimit-unified-status seen (1 for the current one)",
@@ -98,9 +102,50 @@ QUOTA_RESET = Gauge(
 )
 QUOTA_UTILIZATION = Gauge(
     "shim_subscription_quota_utilization_ratio",
-    "Subscription quota used, by window",
+    "Subscription quota used, by window (0-1, can exceed 1)",
     ["window"],
     multiprocess_mode="livemostrecent",
+)
+QUOTA_WINDOW_RESET = Gauge(
+    "shim_subscription_quota_window_reset_timestamp_seconds",
+    "When each subscription quota window resets (unix time)",
+    ["window"],
+    multiprocess_mode="livemostrecent",
+)
+QUOTA_CLAIM = Gauge(
+    "shim_subscription_quota_representative_claim",
+    "The binding quota window (anthropic-ratelimit-unified-representative-claim; 1 for "
+    "the current one)",
+    ["claim"],
+    multiprocess_mode="livemostrecent",
+)
+QUOTA_OVERAGE_STATUS = Gauge(
+    "shim_subscription_quota_overage_status",
+    "Last anthropic-ratelimit-unified-overage-status seen (1 for the current one)",
+    ["status"],
+    multiprocess_mode="livemostrecent",
+)
+QUOTA_OVERAGE_DISABLED = Gauge(
+    "shim_subscription_quota_overage_disabled",
+    "Why extra usage is off (anthropic-ratelimit-unified-overage-disabled-reason; 1 for "
+    "the current reason, all 0 when none is given)",
+    ["reason"],
+    multiprocess_mode="livemostrecent",
+)
+QUOTA_FALLBACK = Gauge(
+    "shim_subscription_quota_fallback_available",
+    "1 when anthropic-ratelimit-unified-fallback says available, else 0",
+    multiprocess_mode="livemostrecent",
+)
+QUOTA_FALLBACK_RATIO = Gauge(
+    "shim_subscription_quota_fallback_ratio",
+    "anthropic-ratelimit-unified-fallback-percentage as sent (0.5 is half)",
+    multiprocess_mode="livemostrecent",
+)
+SUBSCRIPTION_REFUSALS = Counter(
+    "shim_subscription_refusals_total",
+    "Anthropic subscription refusals relayed to clients, by kind (shim.refusals.KINDS)",
+    ["kind"],
 )
 
 _models: set[str] = set()
@@ -117,8 +162,57 @@ def _child(metric, *values: str):  # noqa: ANN001, ANN202
     return child
 
 
-_QUOTA_STATUSES = ("allowed", "allowed_warning", "rejected")
-_last_quota: list[str | None] = [None]
+_QUOTA_STATUSES = ("allowed", "allowed_warning", "rejected", "other")
+_CLAIMS = ("five_hour", "seven_day", "seven_day_opus", "seven_day_sonnet", "other")
+_OVERAGE_REASONS = ("org_level_disabled", "out_of_credits", "org_spend_cap_reached", "other")
+_WINDOWS = (
+    ("5h", quota.FIELDS.index("quota_5h_utilization"), quota.FIELDS.index("quota_5h_reset")),
+    ("7d", quota.FIELDS.index("quota_7d_utilization"), quota.FIELDS.index("quota_7d_reset")),
+)
+_Q = {field: at for at, field in enumerate(quota.FIELDS)}
+
+
+def _one_hot(metric, labels: tuple[str, ...], value: str | None) -> None:  # noqa: ANN001
+    """Set ``value``'s label to 1 and every other to 0 (all 0 when absent)."""
+    current = None if value is None else value if value in labels else "other"
+    for label in labels:
+        _child(metric, label).set(1 if label == current else 0)
+
+
+def _quota_changed(previous: quota.Snapshot | None, current: quota.Snapshot) -> None:
+    """Write the gauges of the quota values that changed since this worker's last write."""
+
+    def changed(field: str) -> bool:
+        at = _Q[field]
+        return previous is None or previous[at] != current[at]
+
+    if changed("quota_status"):
+        _one_hot(QUOTA_STATUS, _QUOTA_STATUSES, current[_Q["quota_status"]])
+    reset = current[_Q["quota_reset"]]
+    if changed("quota_reset") and reset and reset.isdigit():
+        QUOTA_RESET.set(int(reset))
+    if changed("quota_representative_claim"):
+        _one_hot(QUOTA_CLAIM, _CLAIMS, current[_Q["quota_representative_claim"]])
+    for window, used_at, reset_at in _WINDOWS:
+        used, reset = current[used_at], current[reset_at]
+        if used is not None and (previous is None or previous[used_at] != used):
+            _child(QUOTA_UTILIZATION, window).set(used)
+        if reset and reset.isdigit() and (previous is None or previous[reset_at] != reset):
+            _child(QUOTA_WINDOW_RESET, window).set(int(reset))
+    if changed("quota_overage_status"):
+        _one_hot(QUOTA_OVERAGE_STATUS, _QUOTA_STATUSES, current[_Q["quota_overage_status"]])
+    if changed("quota_overage_disabled_reason"):
+        reason = current[_Q["quota_overage_disabled_reason"]]
+        _one_hot(QUOTA_OVERAGE_DISABLED, _OVERAGE_REASONS, reason)
+    if changed("quota_fallback"):
+        QUOTA_FALLBACK.set(1 if current[_Q["quota_fallback"]] == "available" else 0)
+    ratio = current[_Q["quota_fallback_percentage"]]
+    if ratio is not None and changed("quota_fallback_percentage"):
+        QUOTA_FALLBACK_RATIO.set(ratio)
+
+
+# This worker's last-seen quota state: gauges are written when it changes.
+_quota = quota.QuotaWatch(_quota_changed)
 
 
 def _model_label(model: str | None) -> str:
@@ -158,18 +252,10 @@ def observe(record: AccessRecord, fields: dict) -> None:
                 _child(TOKENS, provider, model, kind).inc(count)
     if record.error:
         _child(UPSTREAM_ERRORS, provider, record.error).inc()
-    if record.quota_status in _QUOTA_STATUSES and record.quota_status != _last_quota[0]:
-        # Quota gauges only change when the status does; the reset time with it.
-        _last_quota[0] = record.quota_status
-        for name in _QUOTA_STATUSES:
-            _child(QUOTA_STATUS, name).set(1 if name == record.quota_status else 0)
-    if record.quota_status in _QUOTA_STATUSES:
-        if record.quota_reset and record.quota_reset.isdigit():
-            QUOTA_RESET.set(int(record.quota_reset))
-        for window in ("5h", "7d"):
-            value = getattr(record, f"quota_{window}_utilization")
-            if value is not None:
-                _child(QUOTA_UTILIZATION, window).set(value)
+    if record.refusal is not None:
+        _child(SUBSCRIPTION_REFUSALS, record.refusal).inc()
+    if record.quota_status is not None:
+        _quota.seen(record)
 
 
 def stream_started(provider: str) -> None:

@@ -1,7 +1,8 @@
 """``GET /health/ready``: can each configured provider serve right now, as this worker sees it.
 
 ``/health`` stays trivial for the load balancer; this one says why a provider
-cannot serve (no available Gemini key, subscription quota rejected) and what
+cannot serve (no available Gemini key, subscription quota rejected, the
+Anthropic credential refused for everyone: ``AnthropicCredential``) and what
 upstream said last. State is per worker process, fed by the access records.
 No secrets, keys or key ids in it: ``per_key`` lists the Gemini keys in the
 order they are configured, each with its state and the models it is benched
@@ -18,9 +19,12 @@ ready and ``clients_file.state`` says what is wrong (``missing``,
 
 from __future__ import annotations
 
+import time
+
 import orjson
 from flask import Response
 
+from shim import refusals
 from shim.access import AccessRecord
 from shim.clients import ClientTable
 from shim.providers.anthropic import Anthropic
@@ -43,6 +47,9 @@ class Readiness:
         self.last_status: dict[str, int | None] = {"anthropic": None, "gemini": None}
         self.quota_status: str | None = None
         self.quota_reset: str | None = None
+        self.quota_claim: str | None = None
+        self.quota_utilization: dict[str, float | None] = {"5h": None, "7d": None}
+        self.credential = AnthropicCredential()
 
     def observe(self, record: AccessRecord) -> None:
         if record.provider in self.last_status and record.upstream_status is not None:
@@ -50,9 +57,20 @@ class Readiness:
         if record.quota_status is not None:
             self.quota_status = record.quota_status
             self.quota_reset = record.quota_reset
+            self.quota_claim = record.quota_representative_claim
+            self.quota_utilization = {
+                "5h": record.quota_5h_utilization,
+                "7d": record.quota_7d_utilization,
+            }
+        if record.provider == "anthropic" and record.upstream_status is not None:
+            self.credential.observe(record.upstream_status, record.refusal)
 
     def report(self) -> tuple[dict, bool]:
-        anthropic_ok = self.anthropic.configured and self.quota_status != "rejected"
+        anthropic_ok = (
+            self.anthropic.configured
+            and self.quota_status != "rejected"
+            and self.credential.state != "refused"
+        )
         pool = self.gemini.keys
         keys = pool.states()
         # Ready while some key is not benched whole: a key benched for one model
@@ -74,6 +92,11 @@ class Readiness:
                 "last_upstream_status": self.last_status["anthropic"],
                 "quota_status": self.quota_status,
                 "quota_reset": self.quota_reset,
+                "quota_representative_claim": self.quota_claim,
+                "quota_5h_utilization": self.quota_utilization["5h"],
+                "quota_7d_utilization": self.quota_utilization["7d"],
+                "credential_state": self.credential.state,
+                "last_refusal": self.credential.last_refusal,
             },
             "gemini": {
                 "configured": self.gemini.configured,
@@ -99,3 +122,33 @@ class Readiness:
         return Response(
             orjson.dumps(body), status=200 if ready else 503, mimetype="application/json"
         )
+
+
+class AnthropicCredential:
+    """What Anthropic's answers said about the credential, as this worker saw them.
+
+    ``state``: ``unknown`` (no success or refusal seen yet), ``ok`` (a success
+    since the last refusal), ``limited`` (the last answer was a refusal that leaves the
+    credential usable by some clients or at some cost: third-party extra
+    usage, Claude Code only, OAuth not supported on that call) or ``refused``
+    (``org_disabled`` or ``oauth_not_allowed``: it can serve no one, and the
+    provider is reported unavailable). A later success (2xx) clears it; other
+    errors (429, 5xx) leave it as it was. Readiness never calls upstream to
+    find out: a worker knows what its own traffic told it.
+    ``last_refusal`` stays after it is cleared: kind, unix time, status.
+    """
+
+    def __init__(self) -> None:
+        self.state = "unknown"
+        self.last_refusal: dict | None = None
+
+    def observe(self, upstream_status: int, refusal: str | None) -> None:
+        if refusal is not None:
+            self.state = "refused" if refusal in refusals.BLOCKING else "limited"
+            self.last_refusal = {
+                "kind": refusal,
+                "at": int(time.time()),
+                "upstream_status": upstream_status,
+            }
+        elif 200 <= upstream_status < 300:
+            self.state = "ok"

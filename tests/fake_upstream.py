@@ -36,8 +36,14 @@ them untouched):
   cut the TCP connection), ``stall-mid:<seconds>`` (two events, then silence),
   ``close-delimited`` (no Content-Length, no chunking: body ends at close),
   ``redirect`` (302 to another host), ``bulk:<MiB>`` (a stream of that many
-  MiB, as fast as the reader takes it). While it stalls, the fake watches its
-  connection and records in ``stream_ends`` when shim closes it.
+  MiB, as fast as the reader takes it), ``refusal:<name>`` (Anthropic only:
+  one of the subscription refusals in ``REFUSALS``, with the real status and
+  error type and the message text as upstream words it). While it stalls, the
+  fake watches its connection and records in ``stream_ends`` when shim closes it;
+- ``x-fake-quota-headers``: a JSON object of quota headers to add to every
+  Anthropic answer (errors and streams too); a name without the
+  ``anthropic-`` prefix gets ``anthropic-ratelimit-unified-`` put in front
+  (``{"5h-utilization": "0.85"}``). They replace the fake's own ``status``.
 
 It is also an OAuth token endpoint (``POST /v1/oauth/token``, Claude Code's
 refresh request): ``issue_tokens`` mints a pair, refresh tokens are single-use
@@ -78,6 +84,27 @@ FAKE_GEMINI_KEYS = ("AIzaFakeGeminiKeyNumberOne000000000000", "AIzaFakeGeminiKey
                     "AIzaFakeGeminiKeyNumberThree0000000000")
 OAUTH_BETA = "oauth-2025-04-20"
 OAUTH_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
+
+# Subscription refusals as the real API answers them: (status, error type, message).
+REFUSALS = {
+    "third_party_extra_usage": (400, "invalid_request_error",
+                                "Third-party apps now draw from your extra usage, not your plan limits. "
+                                "We've added a $200 credit to get you started. Claim it at "
+                                "claude.ai/settings/usage and keep going."),
+    # The same refusal as worded to an organization's members.
+    "third_party_org": (400, "invalid_request_error",
+                        "Third-party apps now draw from extra usage, not plan limits. We've added a "
+                        "credit to your organization to get you started. Ask your workspace admin "
+                        "to claim it and keep going."),
+    "claude_code_only": (400, "invalid_request_error",
+                         "This credential is only authorized for use with Claude Code and cannot be "
+                         "used for other API requests."),
+    "org_disabled": (400, "invalid_request_error", "This organization has been disabled."),
+    "oauth_not_allowed": (403, "permission_error",
+                          "OAuth authentication is currently not allowed for this organization."),
+    "oauth_not_supported": (401, "authentication_error",
+                            "OAuth authentication is currently not supported."),
+}
 
 ANTHROPIC_MODELS = ("claude-sonnet-4-5-20250929", "claude-opus-4-1-20250805", "claude-haiku-4-5-20251001")
 GEMINI_MODELS = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-3-pro-preview", "gemini-embedding-001")
@@ -317,8 +344,19 @@ class _Handler(BaseHTTPRequestHandler):
             with self.fake.lock:
                 self.fake.sent.setdefault(marker, bytearray()).extend(data)
 
+    def _quota_headers(self, extra: list[tuple[str, str]] | None) -> list[tuple[str, str]]:
+        """``extra`` plus the quota headers the test asked for (theirs win over the fake's)."""
+        raw = self.rec.header("x-fake-quota-headers")
+        if not raw:
+            return list(extra or [])
+        asked = [(n if n.startswith("anthropic-") else "anthropic-ratelimit-unified-" + n, str(v))
+                 for n, v in json.loads(raw).items()]
+        names = {n.lower() for n, _ in asked}
+        return [(n, v) for n, v in extra or [] if n.lower() not in names] + asked
+
     def _send(self, status: int, body: bytes, content_type: str = "application/json",
               extra: list[tuple[str, str]] | None = None) -> None:
+        extra = self._quota_headers(extra)
         if self.scenario == "gzip" and body:
             body = gzip.compress(body)
             extra = [*(extra or []), ("Content-Encoding", "gzip")]
@@ -356,8 +394,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("request-id", "req_fake_stream")
-        self.send_header("anthropic-ratelimit-unified-status", "allowed")
-        for name, value in extra or []:
+        for name, value in self._quota_headers(
+                [("anthropic-ratelimit-unified-status", "allowed"), *(extra or [])]):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.flush()
@@ -473,7 +511,15 @@ class _Handler(BaseHTTPRequestHandler):
             return OAUTH_BETA in betas and "x-api-key" not in h
         return h.get("x-api-key") == FAKE_API_KEY
 
+    def _refusal(self, name: str) -> None:
+        status, kind, message = REFUSALS[name]
+        body = {"type": "error", "error": {"type": kind, "message": message},
+                "request_id": "req_fake_refusal"}
+        self._send(status, json.dumps(body).encode())
+
     def _anthropic(self, path: str) -> None:
+        if self.scenario.startswith("refusal:"):
+            return self._refusal(self.scenario.split(":", 1)[1])
         if not self._anthropic_authorized():
             return self._error(401, False, "invalid x-api-key")
         if self.scenario.startswith("error:"):

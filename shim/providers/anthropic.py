@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from shim import quota, refusals
 from shim.access import AccessRecord
 from shim.candidates import bearer
 from shim.errors import GatewayError, ProviderNotConfigured, anthropic_error_body
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from shim.oauth import TokenRefresher
 
 OAUTH_BETA = "oauth-2025-04-20"
+_REFUSAL_STATUSES = frozenset({400, 401, 403, 429})
 _USAGE_FIELDS = (
     ("input_tokens", "input_tokens"),
     ("output_tokens", "output_tokens"),
@@ -119,18 +121,14 @@ class Anthropic(Provider):
         return False
 
     def read_headers(self, headers: object, record: AccessRecord) -> None:
-        get = headers.get  # type: ignore[attr-defined]
-        status = get("anthropic-ratelimit-unified-status")
-        if status is None:
-            return  # not subscription traffic
-        record.quota_status = status
-        record.quota_reset = get("anthropic-ratelimit-unified-reset")
-        for window in ("5h", "7d"):
-            value = get(f"anthropic-ratelimit-unified-{window}-utilization")
-            try:
-                setattr(record, f"quota_{window}_utilization", float(value) if value else None)
-            except ValueError:
-                pass
+        quota.read(headers, record)
+
+    def read_error(
+        self, status: int, content_encoding: str | None, body: bytes, record: AccessRecord
+    ) -> None:
+        # Only the statuses a subscription refusal has been seen with (issue #15).
+        if status in _REFUSAL_STATUSES:
+            record.refusal = refusals.classify(body, content_encoding)
 
     def read_usage(self, data: dict, record: AccessRecord) -> None:
         kind = data.get("type")

@@ -91,6 +91,14 @@ class Provider:
     def read_headers(self, headers: object, record: AccessRecord) -> None:
         """Copy what the upstream's response headers say (quota state) into ``record``."""
 
+    def read_error(
+        self, status: int, content_encoding: str | None, body: bytes, record: AccessRecord
+    ) -> None:
+        """Learn from an error answer read whole (``body`` as sent; read a decoded copy).
+
+        Never changes what the client gets; shim.forward relays ``body`` as is.
+        """
+
     def read_usage(self, data: dict, record: AccessRecord) -> None:
         """Copy model, token counts and stop reason from an answer or event into ``record``."""
 
