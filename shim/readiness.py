@@ -13,6 +13,8 @@ because Redis is down would turn a degraded gateway into a dead one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import orjson
 from flask import Response
 
@@ -23,8 +25,16 @@ from shim.state import State
 
 
 class Readiness:
-    def __init__(self, anthropic: Anthropic, gemini: Gemini, state: State | None = None):
+    def __init__(
+        self,
+        anthropic: Anthropic,
+        gemini: Gemini,
+        state: State | None = None,
+        oauth_state: Callable[[], dict] | None = None,
+    ):
         self.state = state
+        # The credentials file's login (TokenRefresher.state), shared by all workers.
+        self.oauth_state = oauth_state
         self.anthropic = anthropic
         self.gemini = gemini
         self.last_status: dict[str, int | None] = {"anthropic": None, "gemini": None}
@@ -40,6 +50,9 @@ class Readiness:
 
     def report(self) -> tuple[dict, bool]:
         anthropic_ok = self.anthropic.configured and self.quota_status != "rejected"
+        oauth = self.oauth_state() if self.oauth_state is not None else None
+        if oauth is not None and oauth.get("state") == "relogin_needed":
+            anthropic_ok = False
         pool = self.gemini.keys
         keys = pool.states()
         # Ready while some key is not benched whole: a key benched for one model
@@ -61,6 +74,7 @@ class Readiness:
                 "last_upstream_status": self.last_status["anthropic"],
                 "quota_status": self.quota_status,
                 "quota_reset": self.quota_reset,
+                "oauth": oauth,
             },
             "gemini": {
                 "configured": self.gemini.configured,
