@@ -243,6 +243,7 @@ class TokenRefresher:
                     # Double check: another process (or Claude Code) may have
                     # refreshed while we waited; never spend a stale token.
                     self._reload(force=True)
+                    self._settle()
                     self._adopt_shared()
                     if not self._needed(rejected):
                         return True
@@ -263,6 +264,17 @@ class TokenRefresher:
                 return False
         finally:
             self._mutex.release()
+
+    def _settle(self, wait_s: float = 1.0) -> None:
+        """If the file is mid-write (Claude Code writes in place), wait (bounded) for the end.
+
+        What is being written is most likely a pair Claude Code just refreshed:
+        spending the token shim holds now would end in ``invalid_grant``.
+        """
+        deadline = time.monotonic() + wait_s
+        while self._unusable is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._reload(force=True)
 
     def _needed(self, rejected: str | None) -> bool:
         creds = self._current[0].credentials

@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import threading
 import tomllib
 from pathlib import Path
 
@@ -218,6 +219,23 @@ def test_a_half_written_file_is_read_again_once_complete(cred_path, caplog):
         cred_path.write_text(text)
         assert r.credential()[0] == CC_ACCESS
     assert [rec.event for rec in caplog.records] == ["oauth_file_unusable"]
+
+
+def test_a_refresh_waits_for_a_half_written_file_instead_of_spending_a_stale_token(cred_path):
+    r = refresher(cred_path, Clock(EXPIRES + 1))  # expired: a refresh is due now
+    complete = json.loads(cred_path.read_text())
+    complete["claudeAiOauth"].update(
+        {"accessToken": CC_ACCESS, "refreshToken": CC_REFRESH, "expiresAt": (EXPIRES + 9e3) * 1e3}
+    )
+    text = json.dumps(complete)
+    cred_path.write_text(text[:20])  # Claude Code truncated the file and is writing its pair
+    finisher = threading.Timer(0.3, cred_path.write_text, args=(text,))
+    finisher.start()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.post(TOKEN_URL, json=token_answer())
+        assert r.credential()[0] == CC_ACCESS
+        assert len(mock.calls) == 0
+    finisher.join()
 
 
 def test_after_invalid_grant_the_pair_claude_code_is_writing_is_adopted(cred_path, caplog):
