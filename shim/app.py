@@ -117,6 +117,7 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
             lock=SharedLock(shared, "oauth-refresh", 120.0, file_lock) if shared else file_lock,
             shared=shared,
             margin_s=settings.anthropic_refresh_margin_s,
+            client_id=settings.anthropic_oauth_client_id,
             timeout_s=(settings.connect_timeout_s, 30.0),
             on_token=logs.add_secret,
             on_result=metrics.oauth_refresh,
@@ -152,7 +153,9 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
         on_state_error=metrics.state_failed,
     )
     clients = ClientTable(settings.shared_secret, settings.clients_file)
-    readiness = Readiness(anthropic, gemini, state, clients)
+    readiness = Readiness(
+        anthropic, gemini, state, clients, oauth_state=refresher and refresher.state
+    )
     limiter = Limiter(state, on_reject=metrics.limit_rejected, on_state_error=metrics.state_failed)
     for provider in (anthropic, gemini):
         blueprint = make_blueprint(provider, clients, forwarder.forward, throttle, limiter)

@@ -113,13 +113,23 @@ def with_credentials(parsed: CredentialsDocument, new: OAuthCredentials) -> dict
 def write_credentials(path: str, document: dict) -> None:
     """Replace the file at ``path`` with ``document`` atomically, mode 0600.
 
+    A symlink is written through: the new file replaces the link's *target*,
+    so the link stays a link (a dotfiles setup, or a file shared with Claude
+    Code through a link, keeps working).
+    """
+    write_private_file(os.path.realpath(path), json.dumps(document, indent=2).encode() + b"\n")
+
+
+def write_private_file(path: str, data: bytes) -> None:
+    """Replace the file at ``path`` with ``data`` atomically, mode 0600.
+
     A temporary file in the same directory, fsynced, then ``os.replace``: a
-    reader (another worker) sees the old file or the new one, never half of
-    either, and a crash leaves the old pair in place.
+    reader (another worker, Claude Code) sees the old file or the new one,
+    never half of either, and a crash leaves the old content in place with no
+    temporary file behind.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    data = json.dumps(document, indent=2).encode() + b"\n"
-    fd, temp = tempfile.mkstemp(prefix=".credentials-", suffix=".tmp", dir=directory)
+    fd, temp = tempfile.mkstemp(prefix=".shim-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), 0o600)

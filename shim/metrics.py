@@ -83,7 +83,8 @@ GEMINI_KEYS = Gauge(
 OAUTH_REFRESHES = Counter(
     "shim_oauth_refresh_total",
     "OAuth token refreshes: refreshed (called the endpoint), failed, adopted (another "
-    "worker's refresh picked up from the credentials file)",
+    "worker's or Claude Code's refresh picked up from the credentials file), "
+    "relogin_needed (the refresh token is dead and the file holds nothing newer)",
     ["result"],
 )
 # Subscription quota gauges (issue #15): written only when a worker sees the

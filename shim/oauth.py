@@ -14,7 +14,21 @@ it has expired, calls wait (bounded) for the refresh. A 401 from upstream
 refreshes once, unless the token used is already superseded (then the call
 just retries with the newer one). A failed refresh (``invalid_grant``, the
 endpoint unreachable) is logged, keeps the current token and backs off
-exponentially; nothing here raises into a request.
+exponentially, or by the endpoint's ``Retry-After`` (429, 5xx); nothing here
+raises into a request. The back-off is shared by every worker (and box) through
+``shim.oauth_gate``, so an endpoint that is down sees one call per interval.
+
+A login shared with Claude Code (issue #15): the file may be Claude Code's own
+``~/.claude/.credentials.json``, which Claude Code refreshes and rewrites
+without shim's lock. Refresh tokens are single-use, so shim never spends one it
+has not just re-read from the file: the file is re-read whenever it changes
+(inode, size, mtime) and right before every refresh, and any other pair found
+there is adopted. After an ``invalid_grant`` the file is read again (for a
+moment, as Claude Code may still be writing it) and a pair Claude Code wrote is
+adopted; only when the file holds nothing newer does shim give up on that
+refresh token: ``oauth_relogin_needed`` is logged and counted, the token is
+marked dead in the shared gate so no worker spends it again, and readiness
+turns 503 until a new login appears in the file (picked up without a restart).
 
 Several boxes (``SHIM_STATE_URL=redis://``): the lock is a Redis lock, and the
 pair a refresh produced is also put in Redis (``shared``). Every refresher,
@@ -28,6 +42,7 @@ What is not here: the file format (``shim.credentials``), the lock
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import os
@@ -52,13 +67,18 @@ from shim.credentials import (
 from shim.keys import header_safe, key_id
 from shim.limits import StateUnavailable
 from shim.locks import FileLock, Lock, LockTimeout
+from shim.oauth_gate import FileGate, Gate, GateNote, SharedGate, gate_path
 
 if TYPE_CHECKING:
     from shim.state import RedisState
 
 log = logging.getLogger("shim.oauth")
 
-USER_AGENT = "shim-gateway"
+# Kept equal to pyproject.toml's version (tests/test_oauth.py checks). A plain
+# product token: shim does not pass itself off as Claude Code.
+VERSION = "0.1.0"
+USER_AGENT = f"shim/{VERSION}"
+RELOGIN_NEEDED = "oauth_relogin_needed"
 # Where the refreshed pair is shared between boxes (a Redis key under shim:).
 SHARED_PAIR = "oauth:anthropic:pair"
 # Only a short snake_case OAuth error code (invalid_grant) from the endpoint goes into a log line.
@@ -104,10 +124,21 @@ class TokenRefresher:
         on_token: Callable[[str], None] | None = None,
         on_result: Callable[[str], None] | None = None,
         shared: RedisState | None = None,
+        client_id: str = CLIENT_ID,
+        gate: Gate | None = None,
+        retry_after_s: tuple[float, float] = (5.0, 300.0),
+        relogin_grace_s: float = 2.0,
     ):
         self.path = path
         self._shared = shared
         self.token_url = token_url
+        self.client_id = client_id
+        self.retry_after_s = retry_after_s
+        self.relogin_grace_s = relogin_grace_s
+        if gate is None:
+            box = FileGate(gate_path(path))
+            gate = SharedGate(shared, box) if shared is not None else box
+        self._gate = gate
         self.margin_s = margin_s
         self.timeout_s = timeout_s
         self.wait_s = wait_s
@@ -126,6 +157,8 @@ class TokenRefresher:
         self._next_attempt = 0.0  # clock time before which the endpoint is not called again
         self._checked_at = float("-inf")  # monotonic time of the last stat of the file
         self._signature: tuple[int, int, int] | None = None
+        self._unusable: object = None  # the file's signature when it last failed to parse
+        self._dead: str | None = None  # key_id of a refresh token known to be dead
         # (parsed file, loggable id of its access token), swapped as one value.
         self._current: tuple[CredentialsDocument, str] = self._load()
 
@@ -150,6 +183,20 @@ class TokenRefresher:
         self._refresh(None, self.wait_s)
         parsed, ident = self._current
         return parsed.credentials.access_token, ident
+
+    def state(self) -> dict[str, object]:
+        """The credential's state for readiness: ``ok``, ``expired`` or ``relogin_needed``."""
+        self._reload()
+        creds = self._current[0].credentials
+        expires_in_s = round(creds.expires_at - self._clock())
+        dead = key_id(creds.refresh_token)
+        if self._dead == dead or self._gate.read().dead == dead:
+            return {
+                "state": "relogin_needed",
+                "reason": RELOGIN_NEEDED,
+                "expires_in_s": expires_in_s,
+            }
+        return {"state": "ok" if expires_in_s > 0 else "expired", "expires_in_s": expires_in_s}
 
     def after_unauthorized(self, used_id: str | None) -> bool:
         """Upstream rejected the token ``used_id``: True if a newer token is there to retry with."""
@@ -187,16 +234,28 @@ class TokenRefresher:
             self._reload(force=True)
             if not self._needed(rejected):
                 return True
+            if self._dead == key_id(self._current[0].credentials.refresh_token):
+                return False  # spent elsewhere and nothing newer: waiting for a new login
             if self._clock() < self._next_attempt:
                 return False  # backing off after a failure, or refreshed a moment ago
             try:
                 with self._lock.held(wait_s):
-                    # Double check: another process may have refreshed while we waited.
+                    # Double check: another process (or Claude Code) may have
+                    # refreshed while we waited; never spend a stale token.
                     self._reload(force=True)
+                    self._settle()
                     self._adopt_shared()
                     if not self._needed(rejected):
                         return True
-                    return self._call_endpoint()
+                    note = self._gate.read()
+                    if note.dead == key_id(self._current[0].credentials.refresh_token):
+                        self._dead = note.dead  # another worker found it dead
+                        return False
+                    if self._clock() < note.not_before:
+                        # Another worker's failure: its back-off holds here too.
+                        self._next_attempt = note.not_before
+                        return False
+                    return self._call_endpoint(note)
             except LockTimeout:
                 log.warning(
                     "oauth refresh lock not taken in time",
@@ -206,42 +265,74 @@ class TokenRefresher:
         finally:
             self._mutex.release()
 
+    def _settle(self, wait_s: float = 1.0) -> None:
+        """If the file is mid-write (Claude Code writes in place), wait (bounded) for the end.
+
+        What is being written is most likely a pair Claude Code just refreshed:
+        spending the token shim holds now would end in ``invalid_grant``.
+        """
+        deadline = time.monotonic() + wait_s
+        while self._unusable is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._reload(force=True)
+
     def _needed(self, rejected: str | None) -> bool:
         creds = self._current[0].credentials
         if rejected is not None:
             return creds.access_token == rejected
         return self._clock() >= creds.expires_at - self.margin_s
 
-    def _call_endpoint(self) -> bool:
+    def _call_endpoint(self, note: GateNote) -> bool:
         parsed = self._current[0]
+        spent = parsed.credentials.refresh_token
         started = time.monotonic()
         try:
             response = self._session.post(
                 self.token_url,
                 json={
                     "grant_type": "refresh_token",
-                    "refresh_token": parsed.credentials.refresh_token,
-                    "client_id": CLIENT_ID,
+                    "refresh_token": spent,
+                    "client_id": self.client_id,
                 },
                 headers={"Accept": "application/json", "User-Agent": USER_AGENT},
                 timeout=self.timeout_s,
                 allow_redirects=False,
             )
         except requests.RequestException as exc:
-            return self._failed("unreachable", error=type(exc).__name__)
-        if response.status_code != 200:
-            return self._failed(
-                "rejected", status=response.status_code, error=_error_code(response)
-            )
+            return self._failed("unreachable", note, error=type(exc).__name__)
+        status = response.status_code
+        if status != 200:
+            error = _error_code(response)
+            if error == "invalid_grant":
+                # Not the endpoint's fault but the token's: no back-off, see the file.
+                log.warning(
+                    "oauth refresh failed: the refresh token was refused",
+                    extra={
+                        "event": "oauth_refresh_failed",
+                        "reason": "rejected",
+                        "status": status,
+                        "error": error,
+                    },
+                )
+                self._on_result("failed")
+                return self._after_invalid_grant(spent, note)
+            wait = None
+            if status == 429 or status >= 500:
+                wait = _retry_after(response.headers.get("Retry-After"), self._clock())
+                if wait is not None:
+                    low, high = self.retry_after_s
+                    wait = min(high, max(low, wait))
+            return self._failed("rejected", note, wait, status=status, error=error)
         try:
-            old_refresh = parsed.credentials.refresh_token
-            new = parse_token_answer(_json(response), self._clock(), old_refresh)
+            new = parse_token_answer(_json(response), self._clock(), spent)
         except TokenAnswerError as exc:
-            return self._failed("bad_answer", error=str(exc))
+            return self._failed("bad_answer", note, error=str(exc))
         self._install(new)
         self._publish(new)
         self._failures = 0
         self._next_attempt = self._clock() + self.min_interval_s
+        if note != GateNote():
+            self._gate.write(GateNote())
         log.info(
             "oauth token refreshed",
             extra={
@@ -254,11 +345,15 @@ class TokenRefresher:
         self._on_result("refreshed")
         return True
 
-    def _failed(self, reason: str, **fields: object) -> bool:
-        self._failures += 1
+    def _failed(
+        self, reason: str, note: GateNote, wait_s: float | None = None, **fields: object
+    ) -> bool:
+        """Back off (``wait_s`` from a Retry-After, else exponentially), for every worker."""
+        self._failures = max(self._failures, note.failures) + 1
         low, high = self.backoff_s
-        backoff = min(high, low * 2 ** (self._failures - 1))
+        backoff = wait_s if wait_s is not None else min(high, low * 2 ** (self._failures - 1))
         self._next_attempt = self._clock() + backoff
+        self._gate.write(GateNote(self._next_attempt, self._failures, note.dead))
         log.warning(
             "oauth refresh failed; keeping the current token",
             extra={
@@ -271,13 +366,72 @@ class TokenRefresher:
         self._on_result("failed")
         return False
 
+    def _after_invalid_grant(self, spent: str, note: GateNote) -> bool:
+        """The refresh token was spent elsewhere: adopt what the file holds now, or give up.
+
+        Claude Code refreshes without shim's lock and may be writing its new
+        pair right now, so the file is watched for ``relogin_grace_s``.
+        """
+        deadline = time.monotonic() + self.relogin_grace_s
+        while True:
+            self._reload(force=True)
+            if self._current[0].credentials.refresh_token != spent:
+                # The endpoint is fine; the token was stale. No back-off for the new one.
+                self._failures = 0
+                self._next_attempt = 0.0
+                log.info(
+                    "refresh token was spent elsewhere; adopted the file's newer pair",
+                    extra={
+                        "event": "oauth_stale_refresh_recovered",
+                        "credential": self._current[1],
+                    },
+                )
+                return True
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        self._dead = key_id(spent)
+        self._gate.write(GateNote(note.not_before, note.failures, self._dead))
+        log.error(
+            "the refresh token is no longer valid and the credentials file holds nothing "
+            "newer: log in again (run claude and /login), shim picks the new login up",
+            extra={"event": RELOGIN_NEEDED, "credential": self._current[1], "path": self.path},
+        )
+        self._on_result("relogin_needed")
+        return False
+
     def _install(self, new: OAuthCredentials) -> None:
-        """Make ``new`` this worker's pair and write it to the file for the other workers."""
+        """Make ``new`` this worker's pair and write it to the file for the other workers.
+
+        The file is read again just before: fields Claude Code added meanwhile
+        are kept, and a pair someone else wrote meanwhile (a new login) is not
+        overwritten; it is adopted at the next reload instead.
+        """
         # Known to the log filter before anything could print them.
         self._on_token(new.access_token)
         self._on_token(new.refresh_token)
         parsed = self._current[0]
-        document = with_credentials(parsed, new)
+        try:
+            on_disk = read_credentials(self.path)
+        except (OSError, CredentialsFileError):
+            on_disk = None
+        base = parsed
+        if on_disk is not None:
+            if on_disk.credentials.refresh_token not in (
+                parsed.credentials.refresh_token,
+                new.refresh_token,
+            ):
+                log.warning(
+                    "another pair was written to the credentials file meanwhile; left in place",
+                    extra={"event": "oauth_file_changed", "credential": _ident(new.access_token)},
+                )
+                self._current = (
+                    CredentialsDocument(new, with_credentials(parsed, new), parsed.nested),
+                    _ident(new.access_token),
+                )
+                return
+            base = on_disk
+        document = with_credentials(base, new)
         try:
             write_credentials(self.path, document)
             self._signature = _signature(os.stat(self.path))
@@ -289,7 +443,7 @@ class TokenRefresher:
                 extra={"event": "oauth_write_failed", "error": type(exc).__name__},
             )
         self._current = (
-            CredentialsDocument(new, document, parsed.nested),
+            CredentialsDocument(new, document, base.nested),
             _ident(new.access_token),
         )
 
@@ -361,20 +515,29 @@ class TokenRefresher:
         if not force and now < self._checked_at + self.reload_interval_s:
             return
         self._checked_at = now
+        signature = None
         try:
             signature = _signature(os.stat(self.path))
-            if signature == self._signature:
+            if signature == self._signature or signature == self._unusable:
                 return
-            self._signature = signature
             parsed = read_credentials(self.path)
         except (OSError, CredentialsFileError) as exc:
-            # Mid-edit by hand, or gone: keep the token we have, say why once per change.
-            log.warning(
-                "credentials file unusable; keeping the current token",
-                extra={"event": "oauth_file_unusable", "error": str(exc)},
-            )
+            # Mid-write (Claude Code rewrites in place), mid-edit or gone: keep
+            # the token we have, read it again once it changes, say why once.
+            if self._unusable != (signature or "missing"):
+                self._unusable = signature or "missing"
+                log.warning(
+                    "credentials file unusable; keeping the current token",
+                    extra={"event": "oauth_file_unusable", "error": str(exc)},
+                )
             return
-        if parsed.credentials.access_token != self._current[0].credentials.access_token:
+        self._signature, self._unusable = signature, None
+        old = self._current[0].credentials
+        if parsed.credentials.refresh_token != old.refresh_token and self._failures:
+            # A new login or another client's refresh: the old token's back-off is moot
+            # (an endpoint's Retry-After stays in the shared gate).
+            self._failures, self._next_attempt = 0, 0.0
+        if parsed.credentials.access_token != old.access_token:
             self._on_token(parsed.credentials.access_token)
             self._on_token(parsed.credentials.refresh_token)
             self._current = (parsed, _ident(parsed.credentials.access_token))
@@ -410,6 +573,20 @@ def _json(response: requests.Response) -> object:
         return response.json()
     except ValueError:
         raise TokenAnswerError("expected a JSON body") from None
+
+
+def _retry_after(value: str | None, now: float) -> float | None:
+    """Seconds a Retry-After header asks for (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return when.timestamp() - now
 
 
 def _error_code(response: requests.Response) -> str | None:

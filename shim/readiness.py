@@ -20,6 +20,7 @@ ready and ``clients_file.state`` says what is wrong (``missing``,
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import orjson
 from flask import Response
@@ -39,9 +40,12 @@ class Readiness:
         gemini: Gemini,
         state: State | None = None,
         clients: ClientTable | None = None,
+        oauth_state: Callable[[], dict] | None = None,
     ):
         self.state = state
         self.clients = clients
+        # The credentials file's login (TokenRefresher.state), shared by all workers.
+        self.oauth_state = oauth_state
         self.anthropic = anthropic
         self.gemini = gemini
         self.last_status: dict[str, int | None] = {"anthropic": None, "gemini": None}
@@ -71,6 +75,9 @@ class Readiness:
             and self.quota_status != "rejected"
             and self.credential.state != "refused"
         )
+        oauth = self.oauth_state() if self.oauth_state is not None else None
+        if oauth is not None and oauth.get("state") == "relogin_needed":
+            anthropic_ok = False
         pool = self.gemini.keys
         keys = pool.states()
         # Ready while some key is not benched whole: a key benched for one model
@@ -97,6 +104,7 @@ class Readiness:
                 "quota_7d_utilization": self.quota_utilization["7d"],
                 "credential_state": self.credential.state,
                 "last_refusal": self.credential.last_refusal,
+                "oauth": oauth,
             },
             "gemini": {
                 "configured": self.gemini.configured,

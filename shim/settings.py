@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from shim.clients import ClientsFileError, parse_clients
-from shim.credentials import DEFAULT_TOKEN_URL, CredentialsFileError, read_credentials
+from shim.credentials import CLIENT_ID, DEFAULT_TOKEN_URL, CredentialsFileError, read_credentials
 from shim.keys import KeyFileError, header_safe, load_keys, read_text
 
 DEFAULT_ANTHROPIC_UPSTREAM = "https://api.anthropic.com"
@@ -47,6 +47,7 @@ class Settings:
     anthropic_api_key: str | None = field(default=None, repr=False)
     anthropic_credentials_file: str | None = None
     anthropic_token_url: str = DEFAULT_TOKEN_URL
+    anthropic_oauth_client_id: str = CLIENT_ID
     anthropic_refresh_margin_s: float = 300.0
     anthropic_upstream: str = DEFAULT_ANTHROPIC_UPSTREAM
     gemini_upstream: str = DEFAULT_GEMINI_UPSTREAM
@@ -99,6 +100,9 @@ class Settings:
             "anthropic_credentials_file": _credentials_file(env),
             "anthropic_token_url": env.read(
                 "SHIM_ANTHROPIC_TOKEN_URL", _token_url, DEFAULT_TOKEN_URL
+            ),
+            "anthropic_oauth_client_id": env.read(
+                "SHIM_ANTHROPIC_OAUTH_CLIENT_ID", _client_id, CLIENT_ID
             ),
             "anthropic_refresh_margin_s": env.read(
                 "SHIM_ANTHROPIC_REFRESH_MARGIN_S", _margin, 300.0
@@ -249,15 +253,18 @@ def _credentials_file(env: _Env) -> str | None:
         env.problems.append(f"{name}: {exc}")
         env.failed.add(name)
         return None
-    # A refresh writes a temporary file next to it and renames it over, plus a .lock file.
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.access(directory, os.W_OK | os.X_OK):
-        env.problems.append(
-            f"{name}: directory {directory!r} is not writable by this user; "
-            "a refresh must rewrite the file"
-        )
-        env.failed.add(name)
-        return None
+    # A refresh writes a temporary file next to the file (a symlink's target)
+    # and renames it over; the .lock and .refresh-state files live next to the link.
+    directories = {os.path.dirname(os.path.abspath(path))}
+    directories.add(os.path.dirname(os.path.realpath(path)))
+    for directory in sorted(directories):
+        if not os.access(directory, os.W_OK | os.X_OK):
+            env.problems.append(
+                f"{name}: directory {directory!r} is not writable by this user; "
+                "a refresh must rewrite the file"
+            )
+            env.failed.add(name)
+            return None
     _warn_if_world_readable(env, name, path)
     return path
 
@@ -268,7 +275,34 @@ def _warn_if_world_readable(env: _Env, name: str, path: str) -> None:
 
 
 def _token_url(raw: str) -> str:
-    return _http_url(raw, f"an http(s) URL such as {DEFAULT_TOKEN_URL}")
+    url = _http_url(raw, f"an http(s) URL such as {DEFAULT_TOKEN_URL}")
+    # The refresh token travels in the body: plain http only to this box (a test endpoint).
+    parts = urlsplit(url)
+    if parts.scheme == "http" and not _loopback(parts.hostname or ""):
+        raise ValueError(
+            f"expected an https:// URL (plain http only to a loopback address), got {raw!r}"
+        )
+    return url
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _client_id(raw: str) -> str:
+    value = raw.strip()
+    if not 1 <= len(value) <= 100 or not all(
+        c.isascii() and (c.isalnum() or c in "-._") for c in value
+    ):
+        raise ValueError(
+            f"expected an OAuth client id such as {CLIENT_ID} (letters, digits, - . _)"
+        )
+    return value
 
 
 def _margin(raw: str) -> float:

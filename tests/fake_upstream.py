@@ -150,6 +150,8 @@ class FakeUpstream:
         self.token_lifetime_s = 28_800
         self.token_delay_s = 0.0
         self.token_error: int | None = None
+        self.token_retry_after: str | None = None  # a Retry-After sent with token_error
+        self.token_invalid_grants = 0  # refreshes answered invalid_grant (a token spent twice)
         self.oauth_rejected = 0  # calls refused because their issued token expired or was revoked
 
     def issue_tokens(self, lifetime_s: float) -> tuple[str, str, float]:
@@ -476,7 +478,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.token_delay_s:
             time.sleep(fake.token_delay_s)
         if fake.token_error:
-            return self._send(fake.token_error, json.dumps({"error": "server_error"}).encode())
+            extra = [("Retry-After", fake.token_retry_after)] if fake.token_retry_after else None
+            return self._send(fake.token_error, json.dumps({"error": "server_error"}).encode(), extra=extra)
         try:
             request = json.loads(self.rec.body)
         except ValueError:
@@ -488,6 +491,8 @@ class _Handler(BaseHTTPRequestHandler):
             known = request.get("refresh_token") in fake.oauth_refresh
             fake.oauth_refresh.discard(request.get("refresh_token"))
         if not known:  # unknown, or used before: single-use, as upstream
+            with fake.lock:
+                fake.token_invalid_grants += 1
             body = {"error": "invalid_grant", "error_description": "Refresh token not found or invalid"}
             return self._send(400, json.dumps(body).encode())
         access, refresh, _ = fake.issue_tokens(fake.token_lifetime_s)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from shim.credentials import (
+    CLIENT_ID,
     DEFAULT_TOKEN_URL,
     CredentialsFileError,
     OAuthCredentials,
@@ -148,6 +149,41 @@ def test_rewrite_replaces_the_file_never_edits_it_in_place(tmp_path):
     assert os.stat(path).st_ino != before
 
 
+def test_rewrite_through_a_symlink_replaces_the_target_and_keeps_the_link(tmp_path):
+    # ~/.claude/.credentials.json as a link into a dotfiles directory (or shim's path
+    # a link to Claude Code's file): the link must stay a link to the refreshed file.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "home").mkdir()
+    target = tmp_path / "real" / "credentials.json"
+    document = claude_code_file()
+    document["claudeAiOauth"]["rateLimitTier"] = "default_claude_max_20x"
+    write_json(target, document)
+    link = tmp_path / "home" / ".credentials.json"
+    link.symlink_to(target)
+    new = OAuthCredentials("sk-ant-oat01-linked", "sk-ant-ort01-linked", 1_960_000_000)
+
+    write_credentials(str(link), with_credentials(read_credentials(str(link)), new))
+
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert read_credentials(str(target)).credentials == new
+    written = json.loads(target.read_text())
+    assert written["organizationUuid"] == "org-0001"
+    assert written["claudeAiOauth"]["rateLimitTier"] == "default_claude_max_20x"
+    assert written["claudeAiOauth"]["scopes"] == ["user:inference", "user:profile"]
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    assert [p.name for p in (tmp_path / "real").iterdir()] == ["credentials.json"]
+    assert [p.name for p in (tmp_path / "home").iterdir()] == [".credentials.json"]
+
+
+def test_a_failed_rewrite_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    path = write_json(tmp_path / "credentials.json", claude_code_file())
+    before = Path(path).read_bytes()
+    with pytest.raises(TypeError):  # not JSON-serialisable: fails before the rename
+        write_credentials(path, {"claudeAiOauth": {"accessToken": object()}})
+    assert Path(path).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["credentials.json"]
+
+
 # --- settings ------------------------------------------------------------------------------
 
 
@@ -170,7 +206,16 @@ def test_settings_take_the_credentials_file(tmp_path):
     assert settings.anthropic_configured
     assert settings.anthropic_token_url == DEFAULT_TOKEN_URL
     assert settings.anthropic_refresh_margin_s == 300.0
+    assert settings.anthropic_oauth_client_id == CLIENT_ID
     assert settings.warnings == ()
+
+
+def test_settings_take_another_oauth_client_id(tmp_path):
+    path = write_json(tmp_path / "c.json", claude_code_file())
+    settings = Settings.from_env(
+        env(SHIM_ANTHROPIC_CREDENTIALS_FILE=path, SHIM_ANTHROPIC_OAUTH_CLIENT_ID=" my-client.1 ")
+    )
+    assert settings.anthropic_oauth_client_id == "my-client.1"
 
 
 def test_settings_refuse_a_bad_credentials_file_naming_the_variable(tmp_path):
@@ -224,6 +269,9 @@ def test_credentials_file_in_a_read_only_directory_is_refused(tmp_path, monkeypa
     ("raw", "expected"),
     [
         ("http://127.0.0.1:9999/v1/oauth/token", "http://127.0.0.1:9999/v1/oauth/token"),
+        ("http://127.8.0.1/v1/oauth/token", "http://127.8.0.1/v1/oauth/token"),
+        ("http://localhost:9/v1/oauth/token", "http://localhost:9/v1/oauth/token"),
+        ("http://[::1]:9/v1/oauth/token", "http://[::1]:9/v1/oauth/token"),
         (
             " https://console.anthropic.com/v1/oauth/token ",
             "https://console.anthropic.com/v1/oauth/token",
@@ -244,6 +292,12 @@ def test_token_url_is_read(tmp_path, raw, expected):
         ("SHIM_ANTHROPIC_TOKEN_URL", "ftp://host/token"),
         ("SHIM_ANTHROPIC_TOKEN_URL", "https://user:pw@host/token"),
         ("SHIM_ANTHROPIC_TOKEN_URL", "https://host/token?x=1"),
+        # The refresh token travels in the body: plain http only on loopback.
+        ("SHIM_ANTHROPIC_TOKEN_URL", "http://platform.claude.com/v1/oauth/token"),
+        ("SHIM_ANTHROPIC_TOKEN_URL", "http://10.0.0.5/v1/oauth/token"),
+        ("SHIM_ANTHROPIC_TOKEN_URL", "http://localhost.example.com/v1/oauth/token"),
+        ("SHIM_ANTHROPIC_OAUTH_CLIENT_ID", "not a client id"),
+        ("SHIM_ANTHROPIC_OAUTH_CLIENT_ID", "x" * 101),
         ("SHIM_ANTHROPIC_REFRESH_MARGIN_S", "0"),
         ("SHIM_ANTHROPIC_REFRESH_MARGIN_S", "3601"),
         ("SHIM_ANTHROPIC_REFRESH_MARGIN_S", "soon"),

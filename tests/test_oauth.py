@@ -61,6 +61,7 @@ def cred_path(tmp_path) -> Path:
 
 def refresher(path: Path, clock: Clock, **kwargs) -> TokenRefresher:
     kwargs.setdefault("reload_interval_s", 0.0)
+    kwargs.setdefault("relogin_grace_s", 0.2)
     return TokenRefresher(str(path), TOKEN_URL, margin_s=300, clock=clock, **kwargs)
 
 
@@ -202,7 +203,9 @@ def test_unauthorized_right_after_a_refresh_does_not_refresh_again(cred_path):
 @pytest.mark.parametrize(
     ("answer", "reason", "error"),
     [
-        ({"status": 400, "json": {"error": "invalid_grant"}}, "rejected", "invalid_grant"),
+        # invalid_grant is not backed off but given up on: see the shared-login tests.
+        ({"status": 400, "json": {"error": "invalid_request"}}, "rejected", "invalid_request"),
+        ({"status": 503, "json": {"error": "server_error"}}, "rejected", "server_error"),
         ({"body": requests.ConnectionError("refused")}, "unreachable", "ConnectionError"),
         ({"status": 200, "json": {"access_token": NEW_ACCESS}}, "bad_answer", None),
         ({"status": 429, "body": "<html>" + REFRESH}, "rejected", None),
