@@ -88,6 +88,7 @@ class AccessRecord:
         "_observe",
         "client_ip",
         "client",
+        "client_credential",
         "limits",
         "lease",
         "body",
@@ -105,6 +106,8 @@ class AccessRecord:
         self._observe = observe
         self.client_ip: str | None = None
         self.client: str | None = None
+        # A short hash naming a credential the client brought itself (never the value).
+        self.client_credential: str | None = None
         # Set by shim.limits when a limited call is admitted; settled as the record closes.
         self.limits = self.lease = None
         # A long call renews its limit lease as it streams (set by shim.limits.Limiter.admit).
@@ -159,6 +162,7 @@ class AccessRecord:
             "request_id": self.request_id,
             "client_ip": self.client_ip,
             "client": self.client,
+            "client_credential": self.client_credential,
             "provider": self.provider,
             "method": self.method,
             "route": self.route,

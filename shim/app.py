@@ -127,6 +127,7 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
         settings.anthropic_api_key,
         settings.anthropic_token,
         refresher,
+        allow_client_credentials=settings.allow_client_credentials,
     )
     gemini = Gemini(settings.gemini_upstream, KeyPool(settings.gemini_keys, shared=shared))
     app.providers_by_port = {

@@ -21,6 +21,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import unquote_to_bytes
 
+# Where a client that brings its own upstream credential presents its shim secret
+# (SHIM_ALLOW_CLIENT_CREDENTIALS; Claude Code: ANTHROPIC_CUSTOM_HEADERS).
+SHIM_KEY_HEADER = "x-shim-key"
 # Lower-case request headers that carry a credential to Anthropic or Google
 # (x-goog-iam-authorization-token: Google's legacy IAM credential header;
 # proxy-authorization is also hop-by-hop and dropped in shim.forward anyway).
@@ -31,6 +34,8 @@ CREDENTIAL_HEADERS = frozenset(
         "proxy-authorization",
         "x-goog-api-key",
         "x-goog-iam-authorization-token",
+        # shim's own: the gateway secret of a client that brings its own credential.
+        SHIM_KEY_HEADER,
     }
 )
 # Query parameter names (percent-decoded, lower-cased) that carry a credential:

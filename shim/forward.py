@@ -135,14 +135,16 @@ class Forwarder:
         # the provider benched on this answer is swapped for the next one.
         # The route's model, taken now: read_usage may later set the answer's.
         model = record.model
+        # A member's own login (issue #15) is theirs to renew: never retried on shim's.
+        own = record.client_credential = provider.own_credential(environ, headers)
         for attempt in (1, 2):
-            credential = provider.add_credential(headers, model)
+            credential = own or provider.add_credential(headers, model)
             if provider.credential_log_field:
                 setattr(record, provider.credential_log_field, credential)
             raw = self._send(prepared, provider, credential, record)
             record.upstream_status = raw.status
             provider.read_headers(raw.headers, record)
-            if raw.status not in provider.retry_statuses:
+            if raw.status not in provider.retry_statuses or own:
                 return relay(raw, provider, method, environ, record, self.on_stream)
             answer = read_whole(raw, provider, record)
             learned = provider.after_failure(credential, raw.status, raw.headers, answer, model)

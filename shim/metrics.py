@@ -255,7 +255,8 @@ def observe(record: AccessRecord, fields: dict) -> None:
         _child(UPSTREAM_ERRORS, provider, record.error).inc()
     if record.refusal is not None:
         _child(SUBSCRIPTION_REFUSALS, record.refusal).inc()
-    if record.quota_status is not None:
+    # A member's own subscription (issue #15) is not shim's: its quota stays in the access line.
+    if record.quota_status is not None and record.client_credential is None:
         _quota.seen(record)
 
 

@@ -58,6 +58,8 @@ class Readiness:
     def observe(self, record: AccessRecord) -> None:
         if record.provider in self.last_status and record.upstream_status is not None:
             self.last_status[record.provider] = record.upstream_status
+        if record.client_credential is not None:
+            return  # a member's own login: its quota and refusals say nothing of shim's
         if record.quota_status is not None:
             self.quota_status = record.quota_status
             self.quota_reset = record.quota_reset

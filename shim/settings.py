@@ -49,6 +49,8 @@ class Settings:
     anthropic_token_url: str = DEFAULT_TOKEN_URL
     anthropic_oauth_client_id: str = CLIENT_ID
     anthropic_refresh_margin_s: float = 300.0
+    # Mode 5 of issue #15: a client authenticated by X-Shim-Key brings its own Anthropic credential.
+    allow_client_credentials: bool = False
     anthropic_upstream: str = DEFAULT_ANTHROPIC_UPSTREAM
     gemini_upstream: str = DEFAULT_GEMINI_UPSTREAM
     gemini_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -103,6 +105,9 @@ class Settings:
             ),
             "anthropic_oauth_client_id": env.read(
                 "SHIM_ANTHROPIC_OAUTH_CLIENT_ID", _client_id, CLIENT_ID
+            ),
+            "allow_client_credentials": env.read(
+                "SHIM_ALLOW_CLIENT_CREDENTIALS", _flag, False
             ),
             "anthropic_refresh_margin_s": env.read(
                 "SHIM_ANTHROPIC_REFRESH_MARGIN_S", _margin, 300.0
@@ -385,6 +390,15 @@ def _addresses(raw: str) -> tuple[str, ...]:
                     f"expected comma-separated IP addresses or *, got {item!r}"
                 ) from None
     return items
+
+
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected 1 or 0 (true/false), got {raw!r}")
 
 
 def _log_format(raw: str) -> str:

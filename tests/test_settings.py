@@ -8,6 +8,7 @@ import os
 import pytest
 
 from shim.settings import ConfigError, Settings
+from tests import conftest
 from tests.conftest import SECRET
 from tests.fake_upstream import FAKE_API_KEY, FAKE_GEMINI_KEYS, FAKE_OAUTH_TOKEN
 
@@ -434,3 +435,13 @@ def test_repr_contains_no_secret(overrides):
     text = repr(Settings.from_env(env(**overrides)))
     for value in (SECRET, FAKE_API_KEY, FAKE_OAUTH_TOKEN, *FAKE_GEMINI_KEYS):
         assert value not in text
+
+
+def test_allow_client_credentials_is_a_flag_and_a_bad_value_names_the_variable():
+    def build(**extra: str) -> Settings:
+        return Settings.from_env(conftest.settings_env(**extra))
+
+    assert build().allow_client_credentials is False
+    assert build(SHIM_ALLOW_CLIENT_CREDENTIALS="1").allow_client_credentials is True
+    with pytest.raises(ConfigError, match="SHIM_ALLOW_CLIENT_CREDENTIALS"):
+        build(SHIM_ALLOW_CLIENT_CREDENTIALS="maybe")

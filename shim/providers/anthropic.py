@@ -11,11 +11,12 @@ shown to it: it refreshes once and the core retries the call.
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING
 
 from shim import quota, refusals
 from shim.access import AccessRecord
-from shim.candidates import bearer
+from shim.candidates import SECRET_ENVIRON, bearer
 from shim.errors import GatewayError, ProviderNotConfigured, anthropic_error_body
 from shim.providers.base import Provider, Route
 
@@ -61,8 +62,10 @@ class Anthropic(Provider):
         api_key: str | None,
         oauth_token: str | None,
         refresher: TokenRefresher | None = None,
+        allow_client_credentials: bool = False,
     ):
         super().__init__(upstream)
+        self.allow_client_credentials = allow_client_credentials
         self._api_key = api_key
         self._oauth_token = oauth_token
         self._bearer = f"Bearer {oauth_token}" if oauth_token else None
@@ -85,11 +88,43 @@ class Anthropic(Provider):
         return "oauth" if self._oauth_token else "api_key" if self._api_key else "none"
 
     def presented_secrets(self, environ: dict) -> list[bytes | None]:
+        if self.allow_client_credentials:
+            # A member bringing their own login: shim's secret is only in X-Shim-Key,
+            # and x-api-key / Authorization are theirs, for upstream (issue #15).
+            shim_key = environ.get("HTTP_X_SHIM_KEY")
+            if shim_key is not None:
+                return [shim_key.encode("latin-1")]
         api_key = environ.get("HTTP_X_API_KEY")
         return [
             api_key.encode("latin-1") if api_key is not None else None,
             bearer(environ.get("HTTP_AUTHORIZATION")),
         ]
+
+    def own_credential(self, environ: dict, headers: dict[str, str]) -> str | None:
+        """Send the client's own x-api-key / Authorization upstream, if it brought one.
+
+        Only with SHIM_ALLOW_CLIENT_CREDENTIALS and a client that authenticated
+        with X-Shim-Key. A subscription token (``sk-ant-oat…``) gets the OAuth
+        beta merged in, as shim's own does. The return value names the
+        credential in the access line by a short hash; the value itself is
+        never logged, counted or kept.
+        """
+        if not self.allow_client_credentials or "HTTP_X_SHIM_KEY" not in environ:
+            return None
+        api_key = environ.get("HTTP_X_API_KEY")
+        authorization = environ.get("HTTP_AUTHORIZATION")
+        own = "\n".join(v for v in (api_key, authorization) if v)
+        secret = environ.get(SECRET_ENVIRON)
+        if not own or (secret and secret.decode("latin-1") in own):
+            return None  # nothing brought (shim's credential serves), or the shim secret itself
+        if api_key:
+            headers["x-api-key"] = api_key
+        if authorization:
+            headers["authorization"] = authorization
+            token = bearer(authorization)
+            if token is not None and token.startswith(b"sk-ant-oat"):
+                headers["anthropic-beta"] = merge_beta(headers.get("anthropic-beta"), OAUTH_BETA)
+        return "client:" + hashlib.sha256(own.encode("latin-1")).hexdigest()[:12]
 
     def add_credential(self, headers: dict[str, str], model: str | None = None) -> str | None:
         if self._refresher is not None or self._bearer is not None:

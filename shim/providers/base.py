@@ -66,6 +66,13 @@ class Provider:
         """Return the query to forward: no credential parameter, nothing carrying ``secret``."""
         return without_credentials(query, secret)
 
+    def own_credential(self, environ: dict, headers: dict[str, str]) -> str | None:
+        """Put a credential the client brought for upstream into ``headers``; return its id.
+
+        None (the default): shim's own credential is added by ``add_credential``.
+        """
+        return None
+
     def add_credential(self, headers: dict[str, str], model: str | None = None) -> str | None:
         """Attach the upstream credential for a call to ``model`` (the route's, if any).
 
