@@ -5,7 +5,8 @@ which takes any mapping so tests pass plain dicts). Every problem found is
 collected into a single ``ConfigError`` that names each variable and the
 expected form, and never echoes a secret.
 
-It imports nothing but the standard library and shim's parsers on purpose:
+How each kind of value is parsed lives in shim.parsers. This module imports
+nothing but the standard library and shim's parsers on purpose:
 gunicorn.conf.py loads it in the master process to bind the ports, and the
 master must not import requests/ssl before gevent patches the workers
 (gunicorn #2796, #1566).
@@ -13,20 +14,17 @@ master must not import requests/ssl before gevent patches the workers
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
-from shim.clients import ClientsFileError, parse_clients
+from shim import parsers as p
 from shim.credentials import CLIENT_ID, DEFAULT_TOKEN_URL, CredentialsFileError, read_credentials
-from shim.keys import KeyFileError, header_safe, load_keys, read_text
+from shim.keys import KeyFileError, load_keys
 
 DEFAULT_ANTHROPIC_UPSTREAM = "https://api.anthropic.com"
 DEFAULT_GEMINI_UPSTREAM = "https://generativelanguage.googleapis.com"
-MIN_SECRET_CHARS = 16
 
 
 class ConfigError(ValueError):
@@ -94,47 +92,49 @@ class Settings:
         env = _Env(os.environ if environ is None else environ)
         values: dict[str, Any] = {
             "shared_secret": env.read(
-                "SHIM_SHARED_SECRET", _secret, None, required=not env.raw("SHIM_CLIENTS_FILE")
+                "SHIM_SHARED_SECRET", p.secret, None, required=not env.raw("SHIM_CLIENTS_FILE")
             ),
-            "clients_file": env.read("SHIM_CLIENTS_FILE", _clients_file, None),
-            "anthropic_token": env.read("SHIM_ANTHROPIC_TOKEN", _credential, None),
-            "anthropic_api_key": env.read("SHIM_ANTHROPIC_API_KEY", _credential, None),
+            "clients_file": env.read("SHIM_CLIENTS_FILE", p.clients_file, None),
+            "anthropic_token": env.read("SHIM_ANTHROPIC_TOKEN", p.credential, None),
+            "anthropic_api_key": env.read("SHIM_ANTHROPIC_API_KEY", p.credential, None),
             "anthropic_credentials_file": _credentials_file(env),
             "anthropic_token_url": env.read(
-                "SHIM_ANTHROPIC_TOKEN_URL", _token_url, DEFAULT_TOKEN_URL
+                "SHIM_ANTHROPIC_TOKEN_URL", p.token_url, DEFAULT_TOKEN_URL
             ),
             "anthropic_oauth_client_id": env.read(
-                "SHIM_ANTHROPIC_OAUTH_CLIENT_ID", _client_id, CLIENT_ID
+                "SHIM_ANTHROPIC_OAUTH_CLIENT_ID", p.client_id, CLIENT_ID
             ),
             "allow_client_credentials": env.read(
-                "SHIM_ALLOW_CLIENT_CREDENTIALS", _flag, False
+                "SHIM_ALLOW_CLIENT_CREDENTIALS", p.flag, False
             ),
             "anthropic_refresh_margin_s": env.read(
-                "SHIM_ANTHROPIC_REFRESH_MARGIN_S", _margin, 300.0
+                "SHIM_ANTHROPIC_REFRESH_MARGIN_S", p.margin, 300.0
             ),
             "anthropic_upstream": env.read(
-                "SHIM_ANTHROPIC_UPSTREAM", _base_url, DEFAULT_ANTHROPIC_UPSTREAM
+                "SHIM_ANTHROPIC_UPSTREAM", p.base_url, DEFAULT_ANTHROPIC_UPSTREAM
             ),
-            "gemini_upstream": env.read("SHIM_GEMINI_UPSTREAM", _base_url, DEFAULT_GEMINI_UPSTREAM),
-            "bind_host": env.read("SHIM_BIND_HOST", _host, "0.0.0.0"),
-            "anthropic_port": env.read("SHIM_ANTHROPIC_PORT", _port, 8889),
-            "gemini_port": env.read("SHIM_GEMINI_PORT", _port, 8890),
-            "http_timeout_s": env.read("SHIM_HTTP_TIMEOUT_S", _seconds, 600.0),
-            "connect_timeout_s": env.read("SHIM_CONNECT_TIMEOUT_S", _seconds, 10.0),
-            "graceful_timeout_s": env.read("SHIM_GRACEFUL_TIMEOUT_S", _seconds, 120.0),
-            "max_body_bytes": env.read("SHIM_MAX_BODY_BYTES", _positive_int, 33_554_432),
-            "workers": env.read("SHIM_WORKERS", _workers, _default_workers()),
-            "worker_connections": env.read("SHIM_WORKER_CONNECTIONS", _worker_connections, 1000),
-            "log_format": env.read("SHIM_LOG_FORMAT", _log_format, "json"),
-            "metrics_host": env.read("SHIM_METRICS_HOST", _host, "127.0.0.1"),
-            "metrics_port": env.read("SHIM_METRICS_PORT", _optional_port, 9464),
-            "auth_failures_max": env.read("SHIM_AUTH_FAILURES_MAX", _positive_int, 10),
-            "auth_failures_window_s": env.read("SHIM_AUTH_FAILURES_WINDOW_S", _seconds, 60.0),
-            "auth_cooloff_s": env.read("SHIM_AUTH_COOLOFF_S", _seconds, 300.0),
-            "body_timeout_s": env.read("SHIM_BODY_TIMEOUT_S", _seconds, 60.0),
-            "idle_timeout_s": env.read("SHIM_IDLE_TIMEOUT_S", _seconds, 75.0),
-            "state_url": env.read("SHIM_STATE_URL", _state_url, "memory://"),
-            "trusted_proxies": env.read("SHIM_TRUSTED_PROXIES", _addresses, ("127.0.0.1", "::1")),
+            "gemini_upstream": env.read(
+                "SHIM_GEMINI_UPSTREAM", p.base_url, DEFAULT_GEMINI_UPSTREAM
+            ),
+            "bind_host": env.read("SHIM_BIND_HOST", p.host, "0.0.0.0"),
+            "anthropic_port": env.read("SHIM_ANTHROPIC_PORT", p.port, 8889),
+            "gemini_port": env.read("SHIM_GEMINI_PORT", p.port, 8890),
+            "http_timeout_s": env.read("SHIM_HTTP_TIMEOUT_S", p.seconds, 600.0),
+            "connect_timeout_s": env.read("SHIM_CONNECT_TIMEOUT_S", p.seconds, 10.0),
+            "graceful_timeout_s": env.read("SHIM_GRACEFUL_TIMEOUT_S", p.seconds, 120.0),
+            "max_body_bytes": env.read("SHIM_MAX_BODY_BYTES", p.positive_int, 33_554_432),
+            "workers": env.read("SHIM_WORKERS", p.workers, p.default_workers()),
+            "worker_connections": env.read("SHIM_WORKER_CONNECTIONS", p.worker_connections, 1000),
+            "log_format": env.read("SHIM_LOG_FORMAT", p.log_format, "json"),
+            "metrics_host": env.read("SHIM_METRICS_HOST", p.host, "127.0.0.1"),
+            "metrics_port": env.read("SHIM_METRICS_PORT", p.optional_port, 9464),
+            "auth_failures_max": env.read("SHIM_AUTH_FAILURES_MAX", p.positive_int, 10),
+            "auth_failures_window_s": env.read("SHIM_AUTH_FAILURES_WINDOW_S", p.seconds, 60.0),
+            "auth_cooloff_s": env.read("SHIM_AUTH_COOLOFF_S", p.seconds, 300.0),
+            "body_timeout_s": env.read("SHIM_BODY_TIMEOUT_S", p.seconds, 60.0),
+            "idle_timeout_s": env.read("SHIM_IDLE_TIMEOUT_S", p.seconds, 75.0),
+            "state_url": env.read("SHIM_STATE_URL", p.state_url, "memory://"),
+            "trusted_proxies": env.read("SHIM_TRUSTED_PROXIES", p.addresses, ("127.0.0.1", "::1")),
             # prometheus-client's own variable; gunicorn.conf.py sets it for the workers.
             "metrics_dir": env.raw("PROMETHEUS_MULTIPROC_DIR"),
         }
@@ -209,43 +209,6 @@ class _Env:
             return default
 
 
-def _default_workers() -> int:
-    # sched_getaffinity honours a container's cpuset, cpu_count() does not.
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _clients_file(raw: str) -> str:
-    try:
-        parse_clients(read_text(raw, ValueError))
-    except ClientsFileError as exc:
-        raise ValueError(str(exc)) from None
-    return raw
-
-
-def _state_url(raw: str) -> str:
-    url = raw.strip()
-    if url.rstrip("/") == "memory:":
-        return "memory://"
-    parts = urlsplit(url)
-    if parts.scheme in ("redis", "rediss") and parts.hostname:
-        try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            raise ValueError("expected a valid port in the Redis URL") from None
-        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
-            raise ValueError("expected a database number as the Redis URL's path, e.g. /0")
-        return url
-    if parts.scheme == "unix" and parts.path:
-        return url
-    # Never echo the value: it may carry a password.
-    raise ValueError(
-        "expected memory:// or redis://[:password@]host[:port][/db], rediss://… or unix:///path"
-    )
-
-
 def _credentials_file(env: _Env) -> str | None:
     """The OAuth credentials file: it must parse, and shim must be able to rewrite it."""
     name = "SHIM_ANTHROPIC_CREDENTIALS_FILE"
@@ -277,157 +240,6 @@ def _credentials_file(env: _Env) -> str | None:
 def _warn_if_world_readable(env: _Env, name: str, path: str) -> None:
     if os.stat(path).st_mode & 0o004:
         env.warnings.append(f"{name}: {path} is readable by every user; chmod 600 it")
-
-
-def _token_url(raw: str) -> str:
-    url = _http_url(raw, f"an http(s) URL such as {DEFAULT_TOKEN_URL}")
-    # The refresh token travels in the body: plain http only to this box (a test endpoint).
-    parts = urlsplit(url)
-    if parts.scheme == "http" and not _loopback(parts.hostname or ""):
-        raise ValueError(
-            f"expected an https:// URL (plain http only to a loopback address), got {raw!r}"
-        )
-    return url
-
-
-def _loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _client_id(raw: str) -> str:
-    value = raw.strip()
-    if not 1 <= len(value) <= 100 or not all(
-        c.isascii() and (c.isalnum() or c in "-._") for c in value
-    ):
-        raise ValueError(
-            f"expected an OAuth client id such as {CLIENT_ID} (letters, digits, - . _)"
-        )
-    return value
-
-
-def _margin(raw: str) -> float:
-    # Above an hour a short-lived token would be due again right after its refresh.
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise ValueError(f"expected a number of seconds 1-3600, got {raw!r}") from None
-    if not 1 <= value <= 3600:
-        raise ValueError(f"expected a number of seconds 1-3600, got {raw!r}")
-    return value
-
-
-def _secret(raw: str) -> str:
-    if len(raw) < MIN_SECRET_CHARS:
-        raise ValueError(f"expected at least {MIN_SECRET_CHARS} characters, got {len(raw)}")
-    if not header_safe(raw):
-        raise ValueError("expected printable ASCII without spaces (it travels in a header)")
-    return raw
-
-
-def _credential(raw: str) -> str:
-    raw = raw.strip()
-    if not header_safe(raw):
-        raise ValueError("expected printable ASCII without spaces (it travels in a header)")
-    return raw
-
-
-def _base_url(raw: str) -> str:
-    return _http_url(raw, "an http(s) base URL such as https://host[:port]").rstrip("/")
-
-
-def _http_url(raw: str, what: str) -> str:
-    parts = urlsplit(raw.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected {what}, got {raw!r}")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError("expected a URL without credentials, query or fragment")
-    try:
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise ValueError(f"expected a valid port in the URL, got {raw!r}") from None
-    return raw.strip()
-
-
-def _host(raw: str) -> str:
-    host = raw.strip()
-    if not host or " " in host or "/" in host:
-        raise ValueError(f"expected an address to bind such as 0.0.0.0 or 127.0.0.1, got {raw!r}")
-    return host
-
-
-def _int(raw: str, low: int, high: int, what: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ValueError(f"expected {what}, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ValueError(f"expected {what}, got {raw!r}")
-    return value
-
-
-def _port(raw: str) -> int:
-    return _int(raw, 1, 65535, "an integer 1-65535")
-
-
-def _optional_port(raw: str) -> int | None:
-    port = _int(raw, 0, 65535, "an integer 1-65535, or 0 for off")
-    return port or None
-
-
-def _addresses(raw: str) -> tuple[str, ...]:
-    items = tuple(item.strip() for item in raw.split(",") if item.strip())
-    for item in items:
-        if item != "*":
-            try:
-                ipaddress.ip_address(item)
-            except ValueError:
-                raise ValueError(
-                    f"expected comma-separated IP addresses or *, got {item!r}"
-                ) from None
-    return items
-
-
-def _flag(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"expected 1 or 0 (true/false), got {raw!r}")
-
-
-def _log_format(raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in ("json", "text"):
-        raise ValueError(f"expected json or text, got {raw!r}")
-    return value
-
-
-def _positive_int(raw: str) -> int:
-    return _int(raw, 1, 2**40, "a positive integer")
-
-
-def _worker_connections(raw: str) -> int:
-    return _int(raw, 1, 100_000, "an integer 1-100000")
-
-
-def _workers(raw: str) -> int:
-    return _int(raw, 1, 64, "an integer 1-64")
-
-
-def _seconds(raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise ValueError(f"expected a number of seconds > 0, got {raw!r}") from None
-    if not 0 < value <= 86_400:
-        raise ValueError(f"expected a number of seconds > 0 and <= 86400, got {raw!r}")
-    return value
 
 
 def _gemini_keys(env: _Env) -> tuple[tuple[str, ...], str]:
