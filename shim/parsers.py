@@ -2,7 +2,7 @@
 
 Each raises ValueError with the expected form ("expected an integer 1-65535, got 'abc'"),
 which shim.settings prefixes with the variable's name; a parser of a secret never echoes
-the value. One reads a file (the clients file must parse),
+the value. Two read files (the clients file and the OAuth credentials file must parse),
 none reads the environment. Standard library and shim's file formats only: gunicorn.conf.py
 loads this in the master (see shim.settings).
 """
@@ -14,8 +14,8 @@ import os
 from urllib.parse import urlsplit
 
 from shim.clients import ClientsFileError, parse_clients
-from shim.credentials import CLIENT_ID, DEFAULT_TOKEN_URL
-from shim.keys import header_safe, read_text
+from shim.credentials import CLIENT_ID, DEFAULT_TOKEN_URL, read_credentials
+from shim.keys import header_safe, load_keys, read_text
 
 MIN_SECRET_CHARS = 16
 
@@ -33,6 +33,32 @@ def clients_file(raw: str) -> str:
         parse_clients(read_text(raw, ValueError))
     except ClientsFileError as exc:
         raise ValueError(str(exc)) from None
+    return raw
+
+
+def credentials_file(raw: str) -> str:
+    """An OAuth credentials file: it must parse, and shim must be able to rewrite it."""
+    read_credentials(raw)  # a CredentialsFileError is a ValueError
+    # A refresh writes a temporary file next to the file (a symlink's target)
+    # and renames it over; the .lock and .refresh-state files live next to the link.
+    directories = {os.path.dirname(os.path.abspath(raw))}
+    directories.add(os.path.dirname(os.path.realpath(raw)))
+    for directory in sorted(directories):
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"directory {directory!r} is not writable by this user; "
+                "a refresh must rewrite the file"
+            )
+    return raw
+
+
+def key_list(raw: str) -> tuple[str, ...]:
+    """Comma-separated keys, stripped and deduplicated; KeyFileError never echoes a key."""
+    return load_keys(text=raw.replace(",", "\n"))
+
+
+def path(raw: str) -> str:
+    """A file name, taken as given (whether it must exist is the caller's rule)."""
     return raw
 
 

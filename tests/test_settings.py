@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from shim.settings import ConfigError, Settings
+from shim.settings import ConfigError, Settings, table
 from tests import conftest
 from tests.conftest import SECRET
 from tests.fake_upstream import FAKE_API_KEY, FAKE_GEMINI_KEYS, FAKE_OAUTH_TOKEN
@@ -445,3 +445,35 @@ def test_allow_client_credentials_is_a_flag_and_a_bad_value_names_the_variable()
     assert build(SHIM_ALLOW_CLIENT_CREDENTIALS="1").allow_client_credentials is True
     with pytest.raises(ConfigError, match="SHIM_ALLOW_CLIENT_CREDENTIALS"):
         build(SHIM_ALLOW_CLIENT_CREDENTIALS="maybe")
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+def test_each_variable_is_read_for_one_field():
+    variables = [row.variable for row in table()]
+    assert len(variables) == len(set(variables))
+    assert len({row.field for row in table()}) == len(variables)
+
+
+def test_every_field_comes_from_the_table_but_what_the_rules_derive():
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    assert fields - {row.field for row in table()} == {
+        "gemini_keys_source",
+        "metrics_dir",
+        "warnings",
+    }
+
+
+@pytest.mark.parametrize(
+    "row", [row for row in table() if row.variable not in env()], ids=lambda row: row.variable
+)
+def test_an_unset_variable_gives_the_tables_default(row):
+    default = row.default() if callable(row.default) else row.default
+    assert getattr(Settings.from_env(env()), row.field) == default
+
+
+@pytest.mark.parametrize("row", table(), ids=lambda row: row.variable)
+def test_a_secret_setting_is_kept_out_of_repr(row):
+    [spec] = [f for f in dataclasses.fields(Settings) if f.name == row.field]
+    assert spec.repr is not row.secret
