@@ -108,11 +108,5 @@ accesslog = None
 logger_class = "shim.logs.GunicornLogger"
 errorlog = "-"
 loglevel = "info"
-logconfig_dict = gunicorn_logconfig(
-    _settings.log_format,
-    [
-        *(s for s in (_settings.shared_secret,) if s),
-        *_settings.gemini_keys,
-        *(s for s in (_settings.anthropic_token, _settings.anthropic_api_key) if s),
-    ],
-)
+# The same list of secrets the app redacts (the Redis password included).
+logconfig_dict = gunicorn_logconfig(_settings.log_format, _settings.secrets())

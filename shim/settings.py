@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from shim import parsers as p
 from shim.credentials import CLIENT_ID, DEFAULT_TOKEN_URL
@@ -181,7 +182,7 @@ class Settings:
         "SHIM_METRICS_PORT", p.optional_port, 9464, "Prometheus port; 0 turns it off"
     )
 
-    # --- state (may carry a Redis password: kept out of repr())
+    # --- state (may carry a Redis password: kept out of repr(), listed by secrets())
     state_url: str = _state(
         "SHIM_STATE_URL", p.state_url, "memory://", "memory:// or redis://…", secret=True
     )
@@ -200,6 +201,19 @@ class Settings:
     @property
     def gemini_configured(self) -> bool:
         return bool(self.gemini_keys)
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every configured secret: the one list both the app's and gunicorn's logs redact."""
+        password = urlsplit(self.state_url).password  # redis://:password@host
+        found = [
+            self.shared_secret,
+            *self.gemini_keys,
+            self.anthropic_token,
+            self.anthropic_api_key,
+            password,
+            unquote(password) if password else None,  # what Redis is sent, if %-escaped
+        ]
+        return tuple(dict.fromkeys(s for s in found if s))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

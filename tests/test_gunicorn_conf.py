@@ -113,3 +113,24 @@ def test_worker_class_is_a_gevent_worker():
     from shim.worker import ShimWorker
 
     assert issubclass(ShimWorker, GeventWorker)
+
+
+LOAD_REDACTED = """
+import json, runpy
+ns = runpy.run_path("gunicorn.conf.py")
+print(json.dumps(ns["logconfig_dict"]["filters"]["secrets"]["secrets"]))
+"""
+
+
+def test_gunicorns_logs_redact_the_apps_secrets_the_redis_password_too():
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_REDACTED],
+        cwd=ROOT,
+        env=conf_env(SHIM_STATE_URL="redis://:redis-pw-0123456789@127.0.0.1:6399/0"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    redacted = json.loads(result.stdout)
+    assert {SECRET, "sk-ant-api03-conf-test-key", "redis-pw-0123456789"} <= set(redacted)

@@ -477,3 +477,32 @@ def test_an_unset_variable_gives_the_tables_default(row):
 def test_a_secret_setting_is_kept_out_of_repr(row):
     [spec] = [f for f in dataclasses.fields(Settings) if f.name == row.field]
     assert spec.repr is not row.secret
+
+
+# --- secrets, for log redaction --------------------------------------------------------------
+
+
+def test_secrets_lists_every_configured_secret_the_redis_password_too():
+    settings = Settings.from_env(
+        env(
+            SHIM_ANTHROPIC_TOKEN=None,
+            SHIM_ANTHROPIC_API_KEY=FAKE_API_KEY,
+            SHIM_GEMINI_KEYS=",".join(FAKE_GEMINI_KEYS),
+            SHIM_STATE_URL="redis://:redis-pw-0123456789@127.0.0.1:6379/0",
+        )
+    )
+    assert set(settings.secrets()) == {
+        SECRET,
+        FAKE_API_KEY,
+        *FAKE_GEMINI_KEYS,
+        "redis-pw-0123456789",
+    }
+
+
+def test_secrets_lists_the_oauth_token_and_a_percent_escaped_password_as_redis_gets_it():
+    settings = Settings.from_env(env(SHIM_STATE_URL="redis://:pw%40redis-0123@h:6379"))
+    assert set(settings.secrets()) == {SECRET, FAKE_OAUTH_TOKEN, "pw%40redis-0123", "pw@redis-0123"}
+
+
+def test_secrets_of_a_memory_state_and_no_gemini_keys_are_the_secret_and_credential():
+    assert Settings.from_env(env()).secrets() == (SECRET, FAKE_OAUTH_TOKEN)
