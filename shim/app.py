@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, Request, Response, request
 from werkzeug.exceptions import HTTPException
@@ -94,10 +93,7 @@ class ShimFlask(Flask):
 
 def build_app(settings: Settings | None = None) -> ShimFlask:
     settings = settings or Settings.from_env()
-    secrets = [s for s in (settings.shared_secret,) if s] + list(settings.gemini_keys)
-    secrets += [s for s in (settings.anthropic_token, settings.anthropic_api_key) if s]
-    secrets += [s for s in (urlsplit(settings.state_url).password,) if s]
-    logs.configure(secrets, settings.log_format)
+    logs.configure(settings.secrets(), settings.log_format)
 
     app = ShimFlask(__name__, static_folder=None, host_matching=True, static_host=None)
     app.url_map.converters["model_id"] = ModelIdConverter
