@@ -98,7 +98,7 @@ class _OldGemini:
 
 def per_request(provider, environ: dict) -> None:
     candidates = distinct(provider.presented_secrets(environ))
-    environ[SECRET_ENVIRON] = candidates[0]  # as shim.auth leaves it
+    environ[SECRET_ENVIRON] = candidates[0]  # as shim.web leaves it
     upstream_headers(environ, provider.client_credential_headers)
     upstream_path(environ, provider)
 

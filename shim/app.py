@@ -27,12 +27,13 @@ from shim.limits import Limiter
 from shim.locks import FileLock, SharedLock
 from shim.oauth import TokenRefresher
 from shim.providers.anthropic import Anthropic
-from shim.providers.base import Provider, make_blueprint
+from shim.providers.base import Provider
 from shim.providers.gemini import Gemini
 from shim.readiness import Readiness
 from shim.settings import Settings
 from shim.state import RedisState, open_state
 from shim.throttle import AuthThrottle, RedisFailures
+from shim.web import error_response, make_blueprint
 
 log = logging.getLogger("shim")
 
@@ -220,7 +221,7 @@ def _register_error_handlers(app: ShimFlask) -> None:
         if provider is None:
             body = {"error": {"code": error.status, "message": error.message}}
             return Response(json.dumps(body), status=error.status, mimetype="application/json")
-        return provider.error_response(error)
+        return error_response(provider, error)
 
     @app.errorhandler(GatewayError)
     def gateway_error(error: GatewayError) -> Response:

@@ -2,7 +2,7 @@
 
 A *candidate* is one distinct, non-empty value a client presented where its
 port accepts the secret (which places, the provider says: ``presented_secrets``).
-``shim.auth`` refuses a request with more than one candidate (issue #14: one
+``shim.web`` refuses a request with more than one candidate (issue #14: one
 request used to carry ~190 guesses), so each guess costs a request *and* a
 count in the failed-secret throttle.
 
@@ -48,7 +48,7 @@ CREDENTIAL_PARAMS = frozenset(
 # Substrings one of those names must contain, for the fast path below.
 _NAME_HINTS = ("key", "token")
 
-# Where shim.auth leaves the secret that authenticated this request (bytes),
+# Where shim.web leaves the secret that authenticated this request (bytes),
 # for shim.forward to keep out of the upstream request.
 SECRET_ENVIRON = "shim.presented_secret"
 

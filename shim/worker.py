@@ -20,7 +20,7 @@
    environ, before the app runs, so a client with a wrong secret or a 1 GB
    Content-Length was invited to send it. Here ``100 Continue`` goes out on
    the app's first read of ``wsgi.input``, which shim makes only after the
-   secret check and the Content-Length check (shim.auth, shim.forward).
+   secret check and the Content-Length check (shim.web, shim.forward).
 4. **A refused request ends its connection.** A 401 or 413, or any answer
    given before the body was read, is sent with ``Connection: close`` and the
    connection ends after a lingering close of at most 1 s: gunicorn would

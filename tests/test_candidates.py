@@ -16,7 +16,6 @@ import responses
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shim.auth import CONFLICTING
 from shim.candidates import (
     CREDENTIAL_PARAMS,
     bearer,
@@ -27,6 +26,7 @@ from shim.candidates import (
     without_credentials,
 )
 from shim.forward import SECRET_IN_PATH
+from shim.web import CONFLICTING
 from tests.conftest import ANTHROPIC_BASE, GEMINI_BASE, SECRET
 
 ANTHROPIC_UP = "https://anthropic.upstream.test"

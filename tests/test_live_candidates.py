@@ -16,7 +16,7 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from shim.auth import CONFLICTING
+from shim.web import CONFLICTING
 from tests.conftest import SECRET, start_gateway
 from tests.fake_upstream import FAKE_API_KEY, FAKE_GEMINI_KEYS, FAKE_OAUTH_TOKEN
 

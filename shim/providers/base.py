@@ -9,18 +9,11 @@ answer) is the shared core in ``shim.forward``; nothing here sends traffic.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from flask import Blueprint, Response, request
-
 from shim.access import AccessRecord
-from shim.auth import authenticated
 from shim.candidates import CREDENTIAL_HEADERS, without_credentials
-from shim.clients import ClientTable
 from shim.errors import GatewayError
-from shim.limits import Limiter
-from shim.throttle import AuthThrottle
 
 JSON = "application/json"
 
@@ -58,7 +51,7 @@ class Provider:
     def presented_secrets(self, environ: dict) -> list[bytes | None]:
         """Return every value found where this port accepts the secret (duplicates included).
 
-        shim.auth reduces them to distinct candidates (shim.candidates.distinct).
+        shim.web reduces them to distinct candidates (shim.candidates.distinct).
         """
         raise NotImplementedError
 
@@ -116,58 +109,3 @@ class Provider:
     def stream_error_frame(self, error: GatewayError, content_type: str) -> bytes | None:
         """Return a frame that tells a streaming client about ``error``, or None to abort."""
         return None
-
-    def error_response(self, error: GatewayError) -> Response:
-        response = Response(self.error_body(error), status=error.status, mimetype=JSON)
-        for name, value in error.headers:
-            response.headers[name] = value
-        return response
-
-
-def make_blueprint(
-    provider: Provider,
-    clients: ClientTable,
-    forward: Callable[[Provider, dict], Response],
-    throttle: AuthThrottle | None = None,
-    limiter: Limiter | None = None,
-) -> Blueprint:
-    """Build the provider's blueprint: its routes (authenticated) plus open health checks.
-
-    Every rule carries ``host=provider.name``: the app binds its URL map to the
-    provider that owns the listening port, so one provider's paths can never
-    match on the other's port.
-    """
-    blueprint = Blueprint(provider.name, __name__)
-
-    @authenticated(provider, clients, throttle)
-    def proxy(**_route_args: str) -> Response:
-        environ = request.environ
-        if limiter is not None:
-            record = environ["shim.record"]
-            # Most clients have no limits: no limiter call at all for them.
-            limits = clients.limits(record.client)
-            if limits is not None:
-                limiter.admit(record, limits)
-        return forward(provider, environ)
-
-    for route in provider.routes:
-        blueprint.add_url_rule(
-            route.rule,
-            route.endpoint,
-            proxy,
-            methods=list(route.methods),
-            host=provider.name,
-            # No Flask-made OPTIONS answer: an API gateway for SDKs serves no CORS preflight.
-            provide_automatic_options=False,
-        )
-    for rule, endpoint in (("/health", "health"), ("/", "root")):
-        blueprint.add_url_rule(rule, endpoint, _health, methods=["GET"], host=provider.name)
-    return blueprint
-
-
-_HEALTH_BODY = b'{"status":"ok"}'
-
-
-def _health() -> Response:
-    # Load balancers call this often: no auth, no upstream call, no allocation beyond this.
-    return Response(_HEALTH_BODY, mimetype=JSON)
