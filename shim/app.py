@@ -151,9 +151,7 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
         on_state_error=metrics.state_failed,
     )
     clients = ClientTable(settings.shared_secret, settings.clients_file)
-    readiness = Readiness(
-        anthropic, gemini, state, clients, oauth_state=refresher and refresher.state
-    )
+    readiness = Readiness((anthropic, gemini), state, clients)
     limiter = Limiter(state, on_reject=metrics.limit_rejected, on_state_error=metrics.state_failed)
     for provider in (anthropic, gemini):
         blueprint = make_blueprint(provider, clients, forwarder.forward, throttle, limiter)

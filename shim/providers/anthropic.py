@@ -12,6 +12,7 @@ shown to it: it refreshes once and the core retries the call.
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import TYPE_CHECKING
 
 from shim import quota, refusals
@@ -70,6 +71,14 @@ class Anthropic(Provider):
         self._oauth_token = oauth_token
         self._bearer = f"Bearer {oauth_token}" if oauth_token else None
         self._refresher = refresher
+        self.credential = CredentialState()
+        self.quota: dict = {
+            "quota_status": None,
+            "quota_reset": None,
+            "quota_representative_claim": None,
+            "quota_5h_utilization": None,
+            "quota_7d_utilization": None,
+        }
         if refresher is not None:
             # An expired or revoked token: refresh once, retry before any byte went out.
             self.retry_statuses = frozenset({401})
@@ -195,3 +204,62 @@ class Anthropic(Provider):
         if not content_type.startswith("text/event-stream"):
             return None
         return b"event: error\ndata: " + self.error_body(error) + b"\n\n"
+
+    def observe(self, record: AccessRecord) -> None:
+        super().observe(record)
+        if record.client_credential is not None:
+            return  # a member's own login: its quota and refusals say nothing of shim's
+        if record.quota_status is not None:
+            for field in self.quota:
+                self.quota[field] = getattr(record, field)
+        if record.upstream_status is not None:
+            self.credential.observe(record.upstream_status, record.refusal)
+
+    def readiness(self) -> dict:
+        oauth = self._refresher.state() if self._refresher is not None else None
+        ready = (
+            self.configured
+            and self.quota["quota_status"] != "rejected"
+            and self.credential.state != "refused"
+            and not (oauth is not None and oauth.get("state") == "relogin_needed")
+        )
+        return {
+            "configured": self.configured,
+            "credential": self.credential_kind,
+            "ready": ready,
+            "last_upstream_status": self.last_upstream_status,
+            **self.quota,
+            "credential_state": self.credential.state,
+            "last_refusal": self.credential.last_refusal,
+            "oauth": oauth,
+        }
+
+
+class CredentialState:
+    """What Anthropic's answers said about the credential, as this worker saw them.
+
+    ``state``: ``unknown`` (no success or refusal seen yet), ``ok`` (a success
+    since the last refusal), ``limited`` (the last answer was a refusal that leaves the
+    credential usable by some clients or at some cost: third-party extra
+    usage, Claude Code only, OAuth not supported on that call) or ``refused``
+    (``org_disabled`` or ``oauth_not_allowed``: it can serve no one, and the
+    provider is reported unavailable). A later success (2xx) clears it; other
+    errors (429, 5xx) leave it as it was. Readiness never calls upstream to
+    find out: a worker knows what its own traffic told it.
+    ``last_refusal`` stays after it is cleared: kind, unix time, status.
+    """
+
+    def __init__(self) -> None:
+        self.state = "unknown"
+        self.last_refusal: dict | None = None
+
+    def observe(self, upstream_status: int, refusal: str | None) -> None:
+        if refusal is not None:
+            self.state = "refused" if refusal in refusals.BLOCKING else "limited"
+            self.last_refusal = {
+                "kind": refusal,
+                "at": int(time.time()),
+                "upstream_status": upstream_status,
+            }
+        elif 200 <= upstream_status < 300:
+            self.state = "ok"

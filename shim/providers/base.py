@@ -43,6 +43,8 @@ class Provider:
 
     def __init__(self, upstream: str):
         self.upstream = upstream
+        # What this worker last heard from upstream (for readiness; never an upstream probe).
+        self.last_upstream_status: int | None = None
 
     @property
     def configured(self) -> bool:
@@ -109,3 +111,16 @@ class Provider:
     def stream_error_frame(self, error: GatewayError, content_type: str) -> bytes | None:
         """Return a frame that tells a streaming client about ``error``, or None to abort."""
         return None
+
+    def observe(self, record: AccessRecord) -> None:
+        """Learn from one finished call of this provider (readiness is per worker)."""
+        if record.upstream_status is not None:
+            self.last_upstream_status = record.upstream_status
+
+    def readiness(self) -> dict:
+        """This provider's part of ``GET /health/ready``; ``ready`` says whether it can serve."""
+        return {
+            "configured": self.configured,
+            "ready": self.configured,
+            "last_upstream_status": self.last_upstream_status,
+        }

@@ -262,3 +262,25 @@ class Gemini(Provider):
 
     def error_body(self, error: GatewayError) -> bytes:
         return google_error_body(error.status, error.kind, error.message)
+
+    def readiness(self) -> dict:
+        pool = self.keys
+        keys = pool.states()
+        per_key = pool.benches()
+        benched = {m for entry in per_key for m in entry["benched_models"]}
+        # Models no key can serve now, and in how many seconds one can.
+        unavailable = {
+            model: int(wait + 0.999)
+            for model in sorted(benched)
+            if (wait := pool.seconds_until_available(model))
+        }
+        return {
+            "configured": self.configured,
+            # Ready while some key is not benched whole: a key benched for one model
+            # (a per-model quota) still serves the others.
+            "ready": self.configured and keys["available"] > 0,
+            "keys": keys,
+            "per_key": per_key,
+            "models_unavailable": unavailable,
+            "last_upstream_status": self.last_upstream_status,
+        }
