@@ -27,8 +27,7 @@ except ConfigError as _error:
     sys.exit(2)
 
 # Both providers, one server: the app tells them apart by listening port. The
-# metrics port comes last, on its own (loopback) address. Order matters:
-# shim.worker reads the Gemini port from bind[1].
+# metrics port comes last, on its own (loopback) address.
 bind = [
     f"{_settings.bind_host}:{_settings.anthropic_port}",
     f"{_settings.bind_host}:{_settings.gemini_port}",

@@ -17,22 +17,12 @@ from flask import Blueprint, Flask, Request, Response, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter, MapAdapter
 
-from shim import logs, metrics, shared_table
-from shim.access import AccessLog, AccessRecord
-from shim.clients import ClientTable
+from shim import logs, metrics
+from shim.access import AccessLog
 from shim.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
-from shim.forward import Forwarder
-from shim.keys import KeyPool
-from shim.limits import Limiter
-from shim.locks import FileLock, SharedLock
-from shim.oauth import TokenRefresher
-from shim.providers.anthropic import Anthropic
 from shim.providers.base import Provider
-from shim.providers.gemini import Gemini
-from shim.readiness import Readiness
+from shim.services import build_services
 from shim.settings import Settings
-from shim.state import RedisState, open_state
-from shim.throttle import AuthThrottle, RedisFailures
 from shim.web import error_response, make_blueprint
 
 log = logging.getLogger("shim")
@@ -102,76 +92,24 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
     app.url_map.merge_slashes = False
     app.json.sort_keys = False
 
-    state = open_state(settings.state_url)
-    shared = state if isinstance(state, RedisState) else None
-    refresher = None
-    if settings.anthropic_credentials_file:
-        file_lock = FileLock(settings.anthropic_credentials_file + ".lock")
-        refresher = TokenRefresher(
-            settings.anthropic_credentials_file,
-            settings.anthropic_token_url,
-            # Several boxes: one refresher among all of them, and the new pair shared.
-            lock=SharedLock(shared, "oauth-refresh", 120.0, file_lock) if shared else file_lock,
-            shared=shared,
-            margin_s=settings.anthropic_refresh_margin_s,
-            client_id=settings.anthropic_oauth_client_id,
-            timeout_s=(settings.connect_timeout_s, 30.0),
-            on_token=logs.add_secret,
-            on_result=metrics.oauth_refresh,
-        )
-    anthropic = Anthropic(
-        settings.anthropic_upstream,
-        settings.anthropic_api_key,
-        settings.anthropic_token,
-        refresher,
-        allow_client_credentials=settings.allow_client_credentials,
-    )
-    gemini = Gemini(settings.gemini_upstream, KeyPool(settings.gemini_keys, shared=shared))
-    app.providers_by_port = {
-        str(settings.anthropic_port): anthropic,
-        str(settings.gemini_port): gemini,
-    }
+    services = build_services(settings)
+    app.providers_by_port = services.providers_by_port
     app.metrics_port = str(settings.metrics_port) if settings.metrics_port else None
-    forwarder = Forwarder(
-        settings.connect_timeout_s,
-        settings.http_timeout_s,
-        settings.max_body_bytes,
-        settings.body_timeout_s,
-        on_stream=lambda name, delta: (
-            metrics.stream_started if delta > 0 else metrics.stream_ended
-        )(name),
-    )
-    throttle = AuthThrottle(
-        settings.auth_failures_max,
-        settings.auth_failures_window_s,
-        settings.auth_cooloff_s,
-        # One count for all workers (made by the master), and for all instances on Redis.
-        table=shared_table.inherited(),
-        shared=RedisFailures(settings.state_url) if shared else None,
-        on_state_error=metrics.state_failed,
-    )
-    clients = ClientTable(settings.shared_secret, settings.clients_file)
-    readiness = Readiness((anthropic, gemini), state, clients)
-    limiter = Limiter(state, on_reject=metrics.limit_rejected, on_state_error=metrics.state_failed)
-    for provider in (anthropic, gemini):
-        blueprint = make_blueprint(provider, clients, forwarder.forward, throttle, limiter)
+    for provider in services.providers:
+        blueprint = make_blueprint(
+            provider, services.clients, services.forwarder.forward, services.throttle,
+            services.limiter,
+        )
         blueprint.add_url_rule(
-            "/health/ready", "ready", readiness.response, methods=["GET"], host=provider.name
+            "/health/ready", "ready", services.readiness.response, methods=["GET"],
+            host=provider.name,
         )
         app.register_blueprint(blueprint)
     app.register_blueprint(_metrics_blueprint(settings.metrics_dir))
-
-    def observe(record: AccessRecord, fields: dict) -> None:
-        if record.lease is not None:
-            limiter.finish(record)
-        metrics.observe(record, fields)
-        readiness.observe(record)
-
     names = {port: provider.name for port, provider in app.providers_by_port.items()}
     app.wsgi_app = AccessLog(  # type: ignore[method-assign]
-        app.wsgi_app, names.get, observe, settings.trusted_proxies
+        app.wsgi_app, names.get, services.end_of_request, settings.trusted_proxies
     )
-    gemini.keys.on_change(metrics.gemini_key_states)
 
     @app.before_request
     def check_and_record_route() -> None:
@@ -188,21 +126,21 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
             record.model = args.get("model")
 
     _register_error_handlers(app)
+    ports = {provider.name: int(port) for port, provider in app.providers_by_port.items()}
     log.info(
         "shim ready",
         extra={
             "event": "app_ready",
-            "anthropic": anthropic.credential_kind,
-            "anthropic_port": settings.anthropic_port,
-            "gemini_keys": len(gemini.keys),
-            "gemini_keys_source": settings.gemini_keys_source,
-            "gemini_port": settings.gemini_port,
-            "state": repr(state),
+            "providers": {
+                provider.name: {**provider.describe(), "port": ports[provider.name]}
+                for provider in services.providers
+            },
+            "state": repr(services.state),
         },
     )
     for warning in settings.warnings:
         log.warning(warning, extra={"event": "config_warning"})
-    for provider in (anthropic, gemini):
+    for provider in services.providers:
         if not provider.configured:
             log.warning(
                 "provider has no upstream credential; its calls answer 503",

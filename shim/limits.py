@@ -244,6 +244,11 @@ class Limiter:
             record.renew_at = time.perf_counter() + RENEW_EVERY_S
             record.renewer = self.renew
 
+    def settle(self, record: AccessRecord, fields: dict | None = None) -> None:
+        """End-of-request listener: finish the call if it was admitted with limits."""
+        if record.lease is not None:
+            self.finish(record)
+
     def finish(self, record: AccessRecord) -> None:
         """Release the call's slot and reservation and count its tokens, once, as it closes."""
         limits, lease = record.limits, record.lease

@@ -5,9 +5,10 @@ cannot serve and what upstream said last. Each provider answers its own part
 (``Provider.readiness``: Anthropic's credential, quota and OAuth login,
 Gemini's key pool), from what its calls in this worker told it
 (``Provider.observe``, fed by the access records); readiness never calls
-upstream. No secrets, keys or key ids in it. The state store (Redis) is reported but never makes the gateway unready:
-limits fail open without it, and taking every box out of the load balancer
-because Redis is down would turn a degraded gateway into a dead one.
+upstream. No secrets, keys or key ids in it. The state store (Redis) is
+reported but never makes the gateway unready: limits fail open without it,
+and taking every box out of the load balancer because Redis is down would
+turn a degraded gateway into a dead one.
 
 The clients file (``SHIM_CLIENTS_FILE``) is reported the same way: when it is
 missing or invalid the last good table still serves, so the gateway stays
@@ -42,7 +43,7 @@ class Readiness:
         self.state = state
         self.clients = clients
 
-    def observe(self, record: AccessRecord) -> None:
+    def observe(self, record: AccessRecord, fields: dict | None = None) -> None:
         provider = self._by_name.get(record.provider or "")
         if provider is not None:
             provider.observe(record)

@@ -28,12 +28,14 @@
    keep-alive timeout before the next request.
 
 Imported by gunicorn's master to load the worker class, so it imports nothing
-but gunicorn, gevent and ``shim.errors`` (standard library only).
+but gunicorn and gevent at import time; the providers (for their error
+shapes) are asked in the worker process, after the fork.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 
 import gevent
@@ -41,8 +43,6 @@ from gunicorn.http import errors as http_errors
 from gunicorn.http.body import Body, LengthReader
 from gunicorn.util import write_nonblock
 from gunicorn.workers.ggevent import GeventWorker
-
-from shim.errors import anthropic_error_body, google_error_body
 
 # gunicorn's framing errors by answer; anything else it raises is the client's 400.
 _STATUS = (
@@ -173,8 +173,7 @@ class ShimWorker(GeventWorker):
     def init_process(self) -> None:
         self._waiting: set[gevent.Greenlet] = set()  # connections between requests
         self._busy: set[gevent.Greenlet] = set()  # requests in flight
-        # gunicorn.conf.py binds the Anthropic port first, then the Gemini port.
-        self._gemini_port = int(self.cfg.bind[1].rsplit(":", 1)[1])
+        self._renderers: dict | None = None
         super().init_process()
 
     def timeout_ctx(self) -> _NextRequestWait:
@@ -232,6 +231,19 @@ class ShimWorker(GeventWorker):
             self.log.warning("grace period over: ending %d request(s) in flight", len(self._busy))
             gevent.killall(list(self._busy), block=False)
 
+    def _renderer(self, port: int | None):  # noqa: ANN202 - a provider's render_error
+        """The error shape of the provider listening on ``port`` (the first one otherwise)."""
+        if self._renderers is None:
+            # Asked of the providers here, in the worker after gevent patched it,
+            # so the master (which loads this class) imports none of them.
+            from shim.providers import REGISTRY
+            from shim.settings import Settings
+
+            settings = Settings.from_env(os.environ)
+            self._renderers = {getattr(settings, p.port_setting): p.render_error for p in REGISTRY}
+            self._renderers[None] = REGISTRY[0].render_error
+        return self._renderers.get(port, self._renderers[None])
+
     def handle_error(self, req, client, addr, exc) -> None:  # noqa: ANN001
         status, reason, kind = 400, "Bad Request", "invalid_request"
         for error_class, code, text, error_kind in _STATUS:
@@ -254,10 +266,7 @@ class ShimWorker(GeventWorker):
             port = client.getsockname()[1]
         except OSError:
             port = None
-        if port == self._gemini_port:
-            body = google_error_body(status, kind, message)
-        else:
-            body = anthropic_error_body(kind, message)
+        body = self._renderer(port)(status, kind, message)
         head = (
             f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"

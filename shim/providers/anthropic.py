@@ -23,6 +23,8 @@ from shim.providers.base import Provider, Route
 
 if TYPE_CHECKING:
     from shim.oauth import TokenRefresher
+    from shim.settings import Settings
+    from shim.state import RedisState
 
 OAUTH_BETA = "oauth-2025-04-20"
 _REFUSAL_STATUSES = frozenset({400, 401, 403, 429})
@@ -56,6 +58,44 @@ class Anthropic(Provider):
     )
     # A real newline ends the SSE field line; inside JSON text it would be escaped.
     usage_markers = (b"event: message_start\n", b"event: message_delta\n")
+    port_setting = "anthropic_port"
+
+    @classmethod
+    def from_settings(cls, settings: Settings, shared: RedisState | None) -> Anthropic:
+        refresher = None
+        if settings.anthropic_credentials_file:
+            # Only a credentials-file deployment loads the refresher and its locks.
+            from shim import logs, metrics
+            from shim.locks import FileLock, SharedLock
+            from shim.oauth import TokenRefresher
+
+            file_lock = FileLock(settings.anthropic_credentials_file + ".lock")
+            refresher = TokenRefresher(
+                settings.anthropic_credentials_file,
+                settings.anthropic_token_url,
+                # Several boxes: one refresher among all of them, and the new pair shared.
+                lock=SharedLock(shared, "oauth-refresh", 120.0, file_lock) if shared else file_lock,
+                shared=shared,
+                margin_s=settings.anthropic_refresh_margin_s,
+                client_id=settings.anthropic_oauth_client_id,
+                timeout_s=(settings.connect_timeout_s, 30.0),
+                on_token=logs.add_secret,
+                on_result=metrics.oauth_refresh,
+            )
+        return cls(
+            settings.anthropic_upstream,
+            settings.anthropic_api_key,
+            settings.anthropic_token,
+            refresher,
+            allow_client_credentials=settings.allow_client_credentials,
+        )
+
+    @staticmethod
+    def render_error(status: int, kind: str, message: str) -> bytes:
+        return anthropic_error_body(kind, message)
+
+    def describe(self) -> dict:
+        return {"configured": self.configured, "credential": self.credential_kind}
 
     def __init__(
         self,
@@ -195,9 +235,6 @@ class Anthropic(Provider):
                 value = usage.get(field)
                 if isinstance(value, int):
                     setattr(record, name, value)
-
-    def error_body(self, error: GatewayError) -> bytes:
-        return anthropic_error_body(error.kind, error.message)
 
     def stream_error_frame(self, error: GatewayError, content_type: str) -> bytes | None:
         # An SSE client understands an `error` event; anything else gets an aborted body.

@@ -10,10 +10,15 @@ answer) is the shared core in ``shim.forward``; nothing here sends traffic.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shim.access import AccessRecord
 from shim.candidates import CREDENTIAL_HEADERS, without_credentials
 from shim.errors import GatewayError
+
+if TYPE_CHECKING:
+    from shim.settings import Settings
+    from shim.state import RedisState
 
 JSON = "application/json"
 
@@ -40,6 +45,23 @@ class Provider:
     # How SSE events are separated, and the markers of events that carry usage.
     event_separator: bytes = b"\n\n"
     usage_markers: tuple[bytes, ...] = ()
+
+    # The Settings field holding the port this provider listens on.
+    port_setting: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Settings, shared: RedisState | None) -> Provider:
+        """Build this provider from the validated settings (``shared``: Redis, if configured)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def render_error(status: int, kind: str, message: str) -> bytes:
+        """An error body in this provider's JSON shape (also for gunicorn's framing errors)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What the start-up log line says about this provider (never a secret)."""
+        return {"configured": self.configured}
 
     def __init__(self, upstream: str):
         self.upstream = upstream
@@ -106,7 +128,7 @@ class Provider:
 
     def error_body(self, error: GatewayError) -> bytes:
         """Render ``error`` in this provider's JSON error shape."""
-        raise NotImplementedError
+        return self.render_error(error.status, error.kind, error.message)
 
     def stream_error_frame(self, error: GatewayError, content_type: str) -> bytes | None:
         """Return a frame that tells a streaming client about ``error``, or None to abort."""

@@ -13,13 +13,18 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
 from shim.access import AccessRecord
 from shim.candidates import param_values
 from shim.decode import DecodeFailed, DecodeLimit, Decoder, coding_of
-from shim.errors import GatewayError, ProviderNotConfigured, RateLimited, google_error_body
+from shim.errors import ProviderNotConfigured, RateLimited, google_error_body
 from shim.keys import KeyPool
 from shim.providers.base import Provider, Route
+
+if TYPE_CHECKING:
+    from shim.settings import Settings
+    from shim.state import RedisState
 
 log = logging.getLogger("shim.gemini")
 
@@ -162,9 +167,32 @@ class Gemini(Provider):
     event_separator = b"\r\n\r\n"
     usage_markers = (b'"usageMetadata":',)
 
+    port_setting = "gemini_port"
+
+    @classmethod
+    def from_settings(cls, settings: Settings, shared: RedisState | None) -> Gemini:
+        from shim import metrics
+
+        gemini = cls(settings.gemini_upstream, KeyPool(settings.gemini_keys, shared=shared))
+        gemini.keys.on_change(metrics.gemini_key_states)
+        gemini.keys_source = settings.gemini_keys_source
+        return gemini
+
+    @staticmethod
+    def render_error(status: int, kind: str, message: str) -> bytes:
+        return google_error_body(status, kind, message)
+
+    def describe(self) -> dict:
+        return {
+            "configured": self.configured,
+            "keys": len(self.keys),
+            "keys_source": self.keys_source,
+        }
+
     def __init__(self, upstream: str, keys: KeyPool):
         super().__init__(upstream)
         self.keys = keys
+        self.keys_source: str | None = None
 
     def __repr__(self) -> str:
         return f"Gemini(upstream={self.upstream!r}, keys={self.keys!r})"
@@ -259,9 +287,6 @@ class Gemini(Provider):
         candidates = data.get("candidates")
         if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict):
             record.stop_reason = candidates[0].get("finishReason") or record.stop_reason
-
-    def error_body(self, error: GatewayError) -> bytes:
-        return google_error_body(error.status, error.kind, error.message)
 
     def readiness(self) -> dict:
         pool = self.keys
