@@ -23,10 +23,11 @@ from shim.access import AccessLog, AccessRecord
 from shim.clients import ClientTable
 from shim.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from shim.forward import Forwarder
-from shim.keys import KeyPool
+from shim.gemini_keys import KeyPool
 from shim.limits import Limiter
-from shim.locks import FileLock, SharedLock
+from shim.locks import FileLock
 from shim.oauth import TokenRefresher
+from shim.oauth_shared import SharedLock
 from shim.providers.anthropic import Anthropic
 from shim.providers.base import Provider, make_blueprint
 from shim.providers.gemini import Gemini
@@ -150,7 +151,7 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
         settings.auth_cooloff_s,
         # One count for all workers (made by the master), and for all instances on Redis.
         table=shared_table.inherited(),
-        shared=RedisFailures(settings.state_url) if shared else None,
+        shared=RedisFailures(shared.redis) if shared else None,
         on_state_error=metrics.state_failed,
     )
     clients = ClientTable(settings.shared_secret, settings.clients_file)

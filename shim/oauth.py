@@ -43,14 +43,12 @@ What is not here: the file format (``shim.credentials``), the lock
 from __future__ import annotations
 
 import email.utils
-import json
 import logging
 import os
 import re
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -64,13 +62,10 @@ from shim.credentials import (
     with_credentials,
     write_credentials,
 )
-from shim.keys import header_safe, key_id
-from shim.limits import StateUnavailable
 from shim.locks import FileLock, Lock, LockTimeout
 from shim.oauth_gate import FileGate, Gate, GateNote, SharedGate, gate_path
-
-if TYPE_CHECKING:
-    from shim.state import RedisState
+from shim.oauth_shared import OAuthRedis, publish_pair, read_pair
+from shim.secret_files import header_safe, key_id
 
 log = logging.getLogger("shim.oauth")
 
@@ -79,8 +74,6 @@ log = logging.getLogger("shim.oauth")
 VERSION = "0.1.0"
 USER_AGENT = f"shim/{VERSION}"
 RELOGIN_NEEDED = "oauth_relogin_needed"
-# Where the refreshed pair is shared between boxes (a Redis key under shim:).
-SHARED_PAIR = "oauth:anthropic:pair"
 # Only a short snake_case OAuth error code (invalid_grant) from the endpoint goes into a log line.
 _ERROR_CODE = re.compile(r"[a-z_]{1,40}")
 
@@ -123,7 +116,7 @@ class TokenRefresher:
         clock: Callable[[], float] = time.time,
         on_token: Callable[[str], None] | None = None,
         on_result: Callable[[str], None] | None = None,
-        shared: RedisState | None = None,
+        shared: OAuthRedis | None = None,
         client_id: str = CLIENT_ID,
         gate: Gate | None = None,
         retry_after_s: tuple[float, float] = (5.0, 300.0),
@@ -450,41 +443,15 @@ class TokenRefresher:
     # -- the pair shared between boxes (Redis) -----------------------------------------------
 
     def _publish(self, new: OAuthCredentials) -> None:
-        if self._shared is None:
-            return
-        value = json.dumps(
-            {
-                "access_token": new.access_token,
-                "refresh_token": new.refresh_token,
-                "expires_at": new.expires_at,
-            }
-        ).encode()
-        try:
-            # Kept a day past expiry: a box that wakes up late still finds the newest pair.
-            self._shared.set_value(SHARED_PAIR, value, new.expires_at - self._clock() + 86_400)
-        except StateUnavailable as exc:
-            log.warning(
-                "refreshed token not shared: other boxes must refresh on their own",
-                extra={"event": "oauth_share_failed", "error": str(exc)},
-            )
+        if self._shared is not None:
+            publish_pair(self._shared, new, self._clock())
 
     def _adopt_shared(self) -> None:
         """Take a newer pair another box refreshed into the shared store, and write it here."""
         if self._shared is None:
             return
-        try:
-            raw = self._shared.get_value(SHARED_PAIR)
-        except StateUnavailable:
-            return
-        if not raw:
-            return
-        try:
-            data = json.loads(raw)
-            shared = OAuthCredentials(
-                str(data["access_token"]), str(data["refresh_token"]), float(data["expires_at"])
-            )
-        except (ValueError, KeyError, TypeError):
-            log.warning("shared oauth pair unreadable; ignored", extra={"event": "oauth_share_bad"})
+        shared = read_pair(self._shared)
+        if shared is None:
             return
         parsed, _ = self._current
         if (
