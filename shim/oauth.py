@@ -42,16 +42,13 @@ What is not here: the file format (``shim.credentials``), the lock
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from shim.credentials import (
     CLIENT_ID,
@@ -63,38 +60,21 @@ from shim.credentials import (
     write_credentials,
 )
 from shim.locks import FileLock, Lock, LockTimeout
+from shim.oauth_endpoint import (
+    TokenAnswerError,
+    error_code,
+    new_session,
+    request_refresh,
+    retry_after,
+    token_answer,
+)
 from shim.oauth_gate import FileGate, Gate, GateNote, SharedGate, gate_path
 from shim.oauth_shared import OAuthRedis, publish_pair, read_pair
-from shim.secret_files import header_safe, key_id
+from shim.secret_files import key_id
 
 log = logging.getLogger("shim.oauth")
 
-# Kept equal to pyproject.toml's version (tests/test_oauth.py checks). A plain
-# product token: shim does not pass itself off as Claude Code.
-VERSION = "0.1.0"
-USER_AGENT = f"shim/{VERSION}"
 RELOGIN_NEEDED = "oauth_relogin_needed"
-# Only a short snake_case OAuth error code (invalid_grant) from the endpoint goes into a log line.
-_ERROR_CODE = re.compile(r"[a-z_]{1,40}")
-
-
-class TokenAnswerError(ValueError):
-    """The token endpoint said 200 but its body is not a usable token pair."""
-
-
-def parse_token_answer(body: object, now: float, old_refresh_token: str) -> OAuthCredentials:
-    """Turn the endpoint's JSON answer into a pair; keep the old refresh token if none came."""
-    if not isinstance(body, dict):
-        raise TokenAnswerError("expected a JSON object")
-    access = body.get("access_token")
-    refresh = body.get("refresh_token", old_refresh_token)
-    expires_in = body.get("expires_in")
-    for name, value in (("access_token", access), ("refresh_token", refresh)):
-        if not isinstance(value, str) or not value or not header_safe(value):
-            raise TokenAnswerError(f"{name}: expected a non-empty printable string")
-    if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) or expires_in <= 0:
-        raise TokenAnswerError("expires_in: expected a positive number of seconds")
-    return OAuthCredentials(access, refresh, now + expires_in)
 
 
 class TokenRefresher:
@@ -139,7 +119,7 @@ class TokenRefresher:
         self.backoff_s = backoff_s
         self.reload_interval_s = reload_interval_s
         self._lock = lock or FileLock(path + ".lock")
-        self._session = session or _session()
+        self._session = session or new_session()
         self._clock = clock
         self._on_token = on_token or (lambda token: None)
         self._on_result = on_result or (lambda result: None)
@@ -280,22 +260,14 @@ class TokenRefresher:
         spent = parsed.credentials.refresh_token
         started = time.monotonic()
         try:
-            response = self._session.post(
-                self.token_url,
-                json={
-                    "grant_type": "refresh_token",
-                    "refresh_token": spent,
-                    "client_id": self.client_id,
-                },
-                headers={"Accept": "application/json", "User-Agent": USER_AGENT},
-                timeout=self.timeout_s,
-                allow_redirects=False,
+            response = request_refresh(
+                self._session, self.token_url, spent, self.client_id, self.timeout_s
             )
         except requests.RequestException as exc:
             return self._failed("unreachable", note, error=type(exc).__name__)
         status = response.status_code
         if status != 200:
-            error = _error_code(response)
+            error = error_code(response)
             if error == "invalid_grant":
                 # Not the endpoint's fault but the token's: no back-off, see the file.
                 log.warning(
@@ -311,13 +283,13 @@ class TokenRefresher:
                 return self._after_invalid_grant(spent, note)
             wait = None
             if status == 429 or status >= 500:
-                wait = _retry_after(response.headers.get("Retry-After"), self._clock())
+                wait = retry_after(response.headers.get("Retry-After"), self._clock())
                 if wait is not None:
                     low, high = self.retry_after_s
                     wait = min(high, max(low, wait))
             return self._failed("rejected", note, wait, status=status, error=error)
         try:
-            new = parse_token_answer(_json(response), self._clock(), spent)
+            new = token_answer(response, self._clock(), spent)
         except TokenAnswerError as exc:
             return self._failed("bad_answer", note, error=str(exc))
         self._install(new)
@@ -517,48 +489,9 @@ class TokenRefresher:
             self._current = (parsed, self._current[1])
 
 
-def _session() -> requests.Session:
-    session = requests.Session()
-    # A stray HTTPS_PROXY or ~/.netrc must not see or redirect the refresh token.
-    session.trust_env = False
-    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=2, max_retries=0)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    return session
-
-
 def _ident(token: str) -> str:
     return "oauth:" + key_id(token)
 
 
 def _signature(stat: os.stat_result) -> tuple[int, int, int]:
     return (stat.st_mtime_ns, stat.st_ino, stat.st_size)
-
-
-def _json(response: requests.Response) -> object:
-    try:
-        return response.json()
-    except ValueError:
-        raise TokenAnswerError("expected a JSON body") from None
-
-
-def _retry_after(value: str | None, now: float) -> float | None:
-    """Seconds a Retry-After header asks for (delta-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return when.timestamp() - now
-
-
-def _error_code(response: requests.Response) -> str | None:
-    try:
-        code = response.json().get("error")
-    except (ValueError, AttributeError):
-        return None
-    return code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else None
