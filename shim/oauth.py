@@ -43,7 +43,6 @@ What is not here: the file format (``shim.credentials``), the lock
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -53,11 +52,7 @@ import requests
 from shim.credentials import (
     CLIENT_ID,
     CredentialsDocument,
-    CredentialsFileError,
     OAuthCredentials,
-    read_credentials,
-    with_credentials,
-    write_credentials,
 )
 from shim.locks import FileLock, Lock, LockTimeout
 from shim.oauth_endpoint import (
@@ -68,6 +63,7 @@ from shim.oauth_endpoint import (
     retry_after,
     token_answer,
 )
+from shim.oauth_file import CredentialsFile, ident
 from shim.oauth_gate import FileGate, Gate, GateNote, SharedGate, gate_path
 from shim.oauth_shared import OAuthRedis, publish_pair, read_pair
 from shim.secret_files import key_id
@@ -117,7 +113,7 @@ class TokenRefresher:
         self.wait_s = wait_s
         self.min_interval_s = min_interval_s
         self.backoff_s = backoff_s
-        self.reload_interval_s = reload_interval_s
+        self._file = CredentialsFile(path, reload_interval_s)
         self._lock = lock or FileLock(path + ".lock")
         self._session = session or new_session()
         self._clock = clock
@@ -128,9 +124,6 @@ class TokenRefresher:
         self._background = False
         self._failures = 0
         self._next_attempt = 0.0  # clock time before which the endpoint is not called again
-        self._checked_at = float("-inf")  # monotonic time of the last stat of the file
-        self._signature: tuple[int, int, int] | None = None
-        self._unusable: object = None  # the file's signature when it last failed to parse
         self._dead: str | None = None  # key_id of a refresh token known to be dead
         # (parsed file, loggable id of its access token), swapped as one value.
         self._current: tuple[CredentialsDocument, str] = self._load()
@@ -245,7 +238,7 @@ class TokenRefresher:
         spending the token shim holds now would end in ``invalid_grant``.
         """
         deadline = time.monotonic() + wait_s
-        while self._unusable is not None and time.monotonic() < deadline:
+        while self._file.unusable is not None and time.monotonic() < deadline:
             time.sleep(0.05)
             self._reload(force=True)
 
@@ -366,51 +359,11 @@ class TokenRefresher:
         return False
 
     def _install(self, new: OAuthCredentials) -> None:
-        """Make ``new`` this worker's pair and write it to the file for the other workers.
-
-        The file is read again just before: fields Claude Code added meanwhile
-        are kept, and a pair someone else wrote meanwhile (a new login) is not
-        overwritten; it is adopted at the next reload instead.
-        """
+        """Make ``new`` this worker's pair and write it to the file for the other workers."""
         # Known to the log filter before anything could print them.
         self._on_token(new.access_token)
         self._on_token(new.refresh_token)
-        parsed = self._current[0]
-        try:
-            on_disk = read_credentials(self.path)
-        except (OSError, CredentialsFileError):
-            on_disk = None
-        base = parsed
-        if on_disk is not None:
-            if on_disk.credentials.refresh_token not in (
-                parsed.credentials.refresh_token,
-                new.refresh_token,
-            ):
-                log.warning(
-                    "another pair was written to the credentials file meanwhile; left in place",
-                    extra={"event": "oauth_file_changed", "credential": _ident(new.access_token)},
-                )
-                self._current = (
-                    CredentialsDocument(new, with_credentials(parsed, new), parsed.nested),
-                    _ident(new.access_token),
-                )
-                return
-            base = on_disk
-        document = with_credentials(base, new)
-        try:
-            write_credentials(self.path, document)
-            self._signature = _signature(os.stat(self.path))
-        except OSError as exc:
-            # The old refresh token is spent: this worker keeps the new pair in
-            # memory, but the other workers will fail until the file is fixed.
-            log.error(
-                "new token could not be written back",
-                extra={"event": "oauth_write_failed", "error": type(exc).__name__},
-            )
-        self._current = (
-            CredentialsDocument(new, document, base.nested),
-            _ident(new.access_token),
-        )
+        self._current = (self._file.write_back(self._current[0], new), ident(new.access_token))
 
     # -- the pair shared between boxes (Redis) -----------------------------------------------
 
@@ -441,36 +394,16 @@ class TokenRefresher:
     # -- the file ---------------------------------------------------------------------------
 
     def _load(self) -> tuple[CredentialsDocument, str]:
-        parsed = read_credentials(self.path)
-        self._signature = _signature(os.stat(self.path))
-        self._checked_at = time.monotonic()
+        parsed = self._file.load()
         self._on_token(parsed.credentials.access_token)
         self._on_token(parsed.credentials.refresh_token)
-        return parsed, _ident(parsed.credentials.access_token)
+        return parsed, ident(parsed.credentials.access_token)
 
     def _reload(self, force: bool = False) -> None:
         """Adopt the file's pair if the file changed (checked at most every reload_interval_s)."""
-        now = time.monotonic()
-        if not force and now < self._checked_at + self.reload_interval_s:
+        parsed = self._file.changed(force)
+        if parsed is None:
             return
-        self._checked_at = now
-        signature = None
-        try:
-            signature = _signature(os.stat(self.path))
-            if signature == self._signature or signature == self._unusable:
-                return
-            parsed = read_credentials(self.path)
-        except (OSError, CredentialsFileError) as exc:
-            # Mid-write (Claude Code rewrites in place), mid-edit or gone: keep
-            # the token we have, read it again once it changes, say why once.
-            if self._unusable != (signature or "missing"):
-                self._unusable = signature or "missing"
-                log.warning(
-                    "credentials file unusable; keeping the current token",
-                    extra={"event": "oauth_file_unusable", "error": str(exc)},
-                )
-            return
-        self._signature, self._unusable = signature, None
         old = self._current[0].credentials
         if parsed.credentials.refresh_token != old.refresh_token and self._failures:
             # A new login or another client's refresh: the old token's back-off is moot
@@ -479,7 +412,7 @@ class TokenRefresher:
         if parsed.credentials.access_token != old.access_token:
             self._on_token(parsed.credentials.access_token)
             self._on_token(parsed.credentials.refresh_token)
-            self._current = (parsed, _ident(parsed.credentials.access_token))
+            self._current = (parsed, ident(parsed.credentials.access_token))
             log.info(
                 "adopted the token in the credentials file",
                 extra={"event": "oauth_token_adopted", "credential": self._current[1]},
@@ -487,11 +420,3 @@ class TokenRefresher:
             self._on_result("adopted")
         else:
             self._current = (parsed, self._current[1])
-
-
-def _ident(token: str) -> str:
-    return "oauth:" + key_id(token)
-
-
-def _signature(stat: os.stat_result) -> tuple[int, int, int]:
-    return (stat.st_mtime_ns, stat.st_ino, stat.st_size)
