@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from shim.limits import NO_LIMITS, Limits, parse_limits
+from shim.limit_types import NO_LIMITS, Limits, parse_limits
+from shim.secret_files import read_text_and_stat
 
 log = logging.getLogger("shim.clients")
 
@@ -168,13 +169,13 @@ class ClientTable:
     def _load(self) -> str | None:
         """Read and install the file; return why it cannot be used, or None."""
         try:
-            with open(self._path, encoding="utf-8") as handle:  # type: ignore[arg-type]
-                # Fingerprint what is opened, before reading: a write racing the
-                # read changes it, so the next check reads the file again.
-                seen = _fingerprint(os.fstat(handle.fileno()))
-                entries = parse_clients(handle.read())
+            # The fingerprint is of the file read: a write racing the read
+            # changes it, so the next check reads the file again.
+            text, stat = read_text_and_stat(self._path)  # type: ignore[arg-type]
+            entries = parse_clients(text)
         except (OSError, UnicodeDecodeError, ClientsFileError) as exc:
             return _reason(exc)
+        seen = _fingerprint(stat)
         initial = self._seen is None
         recovered = self._problem is not None
         self._entries = self._default + entries

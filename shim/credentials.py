@@ -17,13 +17,11 @@ validates the file at start-up.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
-from shim.keys import header_safe, read_text
+from shim.secret_files import header_safe, read_text, write_private_file
 
 # Where Claude Code refreshes since v2.1.81; before that console.anthropic.com/v1/oauth/token.
 DEFAULT_TOKEN_URL = "https://platform.claude.com/v1/oauth/token"
@@ -118,32 +116,3 @@ def write_credentials(path: str, document: dict) -> None:
     Code through a link, keeps working).
     """
     write_private_file(os.path.realpath(path), json.dumps(document, indent=2).encode() + b"\n")
-
-
-def write_private_file(path: str, data: bytes) -> None:
-    """Replace the file at ``path`` with ``data`` atomically, mode 0600.
-
-    A temporary file in the same directory, fsynced, then ``os.replace``: a
-    reader (another worker, Claude Code) sees the old file or the new one,
-    never half of either, and a crash leaves the old content in place with no
-    temporary file behind.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(prefix=".shim-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    # The rename itself is durable only once the directory is synced.
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

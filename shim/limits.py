@@ -28,8 +28,11 @@ before anything is sent upstream.
   in flight fill it: ``IN_FLIGHT_RETRY_S``, as they free when those calls end.
   Reservations expire with the lease, like slots.
 
-Where the counts live is ``shim.state`` (per worker, or Redis shared by
-every worker and instance). When the state store fails, limits fail *open*:
+The values passed between the limiter and the store (``Limits``, ``Lease``,
+``Admission``, the ``LimitStore`` interface) are in ``shim.limit_types``.
+Where the counts live is a ``LimitStore``: ``shim.limit_store`` has one per
+worker and one in Redis shared by every worker and instance (the Lua there
+mirrors the rules above). When the state store fails, limits fail *open*:
 the call is served, a warning is logged (at most every 10 s per worker) and
 ``shim_state_errors_total`` counts it. Authentication never depends on it.
 A *settle* (slot and reservation released, tokens counted) that fails is not
@@ -40,9 +43,6 @@ when a call finds the store back. A retry counts tokens only if the store
 still holds the call's lease, so tokens are counted once, on the day the call
 ended; a settle still pending when its lease has expired is a no-op (the
 store already freed the slot and reservation, and limits were failing open).
-
-Standard library only: the clients file (read by settings in gunicorn's
-master) parses limits with ``parse_limits``.
 """
 
 from __future__ import annotations
@@ -54,94 +54,28 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from shim.errors import RateLimited
+from shim.limit_types import LEASE_S, Lease, Limits, LimitStore
+from shim.store import WARN_EVERY_S, StateUnavailable
 
 if TYPE_CHECKING:
     from shim.access import AccessRecord
-    from shim.state import State
 
 log = logging.getLogger("shim.limits")
 
-# How long a concurrency slot (and a token reservation) lasts if its call never
-# reports its end (the instance died): long enough for any sane stream, short
-# enough to recover.
-LEASE_S = 900.0
 # How often a call still running renews its lease (Limiter.renew): a third of
 # it, so two renewals can be missed (a slow Redis) before the lease runs out.
 RENEW_EVERY_S = LEASE_S / 3
-# Retry-After when the budget is held by reservations of calls in flight, not
-# used up: those free as soon as the calls end.
-IN_FLIGHT_RETRY_S = 2.0
-# A failing state store is logged at most this often per worker.
-WARN_EVERY_S = 10.0
 # Failed settles kept per worker for retrying: ~2 MB; a worker rarely ends
 # this many calls within one outage, and past it the oldest are dropped.
 MAX_PENDING_SETTLES = 10_000
-# Just past shim.state's RETRY_AFTER_FAILURE_S (1 s), so a retry is not
+# Just past shim.store's RETRY_AFTER_FAILURE_S (1 s), so a retry is not
 # itself skipped by the store's own pause after a failure.
 SETTLE_RETRY_S = 1.2
-_NAMES = ("concurrency", "rpm", "tokens_per_day")
 
 
-@dataclass(frozen=True)
-class Limits:
-    """A client's limits; 0 means no limit of that kind."""
-
-    concurrency: int = 0
-    rpm: int = 0
-    tokens_per_day: int = 0
-
-    def __bool__(self) -> bool:
-        return bool(self.concurrency or self.rpm or self.tokens_per_day)
-
-
-NO_LIMITS = Limits()
-
-
-def parse_limits(words: list[str]) -> Limits:
-    """Parse ``name=value`` words (concurrency, rpm, tokens_per_day) or raise ValueError."""
-    values: dict[str, int] = {}
-    for word in words:
-        name, _, raw = word.partition("=")
-        if name not in _NAMES:
-            raise ValueError(f"unknown limit {name!r} (expected {', '.join(_NAMES)})")
-        if name in values:
-            raise ValueError(f"limit {name!r} given twice")
-        if not raw.isdigit() or not 0 < int(raw) <= 10**12:
-            raise ValueError(f"limit {name!r} needs a positive integer, got {raw!r}")
-        values[name] = int(raw)
-    return Limits(**values)
-
-
-class Admission(NamedTuple):
-    """A state store's answer: ``limit`` names the one exceeded ("" when admitted).
-
-    ``reserved``: tokens the admitted call holds while in flight; ``in_flight``:
-    refused for tokens held by calls in flight rather than tokens used.
-    """
-
-    limit: str
-    retry_after: float = 0.0
-    reserved: int = 0
-    in_flight: bool = False
-
-
-class Lease(NamedTuple):
-    """What an admitted call holds in the store, kept in ``record.lease`` until it ends."""
-
-    id: str
-    reserved: int = 0  # tokens reserved against tokens_per_day
-
-    @property
-    def member(self) -> str:
-        """The call's member of the client's slots zset in Redis."""
-        return f"{self.id}:{self.reserved}"
-
-
-ADMITTED = Admission("")
 
 
 class LimitExceeded(RateLimited):
@@ -156,10 +90,6 @@ class LimitExceeded(RateLimited):
             message = "Daily token limit for this client is held by calls in flight; retry shortly."
         super().__init__(message, headers=(("Retry-After", str(max(1, math.ceil(retry_after)))),))
         self.limit = limit
-
-
-class StateUnavailable(Exception):
-    """The state store could not answer (Redis down, timed out)."""
 
 
 class Settle(NamedTuple):
@@ -186,7 +116,7 @@ class Limiter:
 
     def __init__(
         self,
-        state: State,
+        state: LimitStore,
         on_reject: Callable[[str, str], None] | None = None,
         on_state_error: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,

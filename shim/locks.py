@@ -3,7 +3,8 @@
 The interface is one method, ``held(timeout_s)``, a context manager that
 raises ``LockTimeout`` if the lock is not taken in time. ``FileLock`` works
 for the processes of one box (an ``flock`` on a file next to what it guards);
-a Redis lock for several boxes only needs the same method.
+the Redis lock for several boxes (``shim.oauth_shared.SharedLock``, its only
+user being the OAuth refresh) has the same method.
 
 Under gevent a blocking ``flock`` would freeze the whole worker (every
 stream on it) until the holder lets go, so the lock is tried non-blocking
@@ -15,18 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Protocol
-
-from shim.limits import StateUnavailable
-
-if TYPE_CHECKING:
-    from shim.state import RedisState
-
-log = logging.getLogger("shim.locks")
+from typing import Protocol
 
 
 class LockTimeout(TimeoutError):
@@ -81,39 +74,3 @@ class FileLock:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
-
-
-class SharedLock:
-    """A lock in the shared state store (Redis), for gateways on several boxes.
-
-    The lease bounds how long a crashed holder can block the others. When
-    the store is unavailable the box's own ``fallback`` lock is taken instead:
-    boxes could then race each other, but the workers of one box still never
-    do, and the gateway keeps working without Redis.
-    """
-
-    def __init__(self, state: RedisState, name: str, lease_s: float, fallback: Lock):
-        self._state = state
-        self.name = name
-        self.lease_s = lease_s
-        self._fallback = fallback
-
-    def __repr__(self) -> str:
-        return f"SharedLock({self.name!r}, fallback={self._fallback!r})"
-
-    @contextlib.contextmanager
-    def held(self, timeout_s: float) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            try:
-                stack.enter_context(self._state.held(self.name, self.lease_s, timeout_s))
-            except StateUnavailable as exc:
-                log.warning(
-                    "shared lock unavailable; using this box's lock",
-                    extra={
-                        "event": "shared_lock_unavailable",
-                        "lock": self.name,
-                        "error": str(exc),
-                    },
-                )
-                stack.enter_context(self._fallback.held(timeout_s))
-            yield

@@ -42,66 +42,35 @@ What is not here: the file format (``shim.credentials``), the lock
 
 from __future__ import annotations
 
-import email.utils
-import json
 import logging
-import os
-import re
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from shim.credentials import (
     CLIENT_ID,
     CredentialsDocument,
-    CredentialsFileError,
     OAuthCredentials,
-    read_credentials,
-    with_credentials,
-    write_credentials,
 )
-from shim.keys import header_safe, key_id
-from shim.limits import StateUnavailable
 from shim.locks import FileLock, Lock, LockTimeout
+from shim.oauth_endpoint import (
+    TokenAnswerError,
+    error_code,
+    new_session,
+    request_refresh,
+    retry_after,
+    token_answer,
+)
+from shim.oauth_file import CredentialsFile, ident
 from shim.oauth_gate import FileGate, Gate, GateNote, SharedGate, gate_path
-
-if TYPE_CHECKING:
-    from shim.state import RedisState
+from shim.oauth_shared import OAuthRedis, publish_pair, read_pair
+from shim.secret_files import key_id
 
 log = logging.getLogger("shim.oauth")
 
-# Kept equal to pyproject.toml's version (tests/test_oauth.py checks). A plain
-# product token: shim does not pass itself off as Claude Code.
-VERSION = "0.1.0"
-USER_AGENT = f"shim/{VERSION}"
 RELOGIN_NEEDED = "oauth_relogin_needed"
-# Where the refreshed pair is shared between boxes (a Redis key under shim:).
-SHARED_PAIR = "oauth:anthropic:pair"
-# Only a short snake_case OAuth error code (invalid_grant) from the endpoint goes into a log line.
-_ERROR_CODE = re.compile(r"[a-z_]{1,40}")
-
-
-class TokenAnswerError(ValueError):
-    """The token endpoint said 200 but its body is not a usable token pair."""
-
-
-def parse_token_answer(body: object, now: float, old_refresh_token: str) -> OAuthCredentials:
-    """Turn the endpoint's JSON answer into a pair; keep the old refresh token if none came."""
-    if not isinstance(body, dict):
-        raise TokenAnswerError("expected a JSON object")
-    access = body.get("access_token")
-    refresh = body.get("refresh_token", old_refresh_token)
-    expires_in = body.get("expires_in")
-    for name, value in (("access_token", access), ("refresh_token", refresh)):
-        if not isinstance(value, str) or not value or not header_safe(value):
-            raise TokenAnswerError(f"{name}: expected a non-empty printable string")
-    if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) or expires_in <= 0:
-        raise TokenAnswerError("expires_in: expected a positive number of seconds")
-    return OAuthCredentials(access, refresh, now + expires_in)
 
 
 class TokenRefresher:
@@ -123,7 +92,7 @@ class TokenRefresher:
         clock: Callable[[], float] = time.time,
         on_token: Callable[[str], None] | None = None,
         on_result: Callable[[str], None] | None = None,
-        shared: RedisState | None = None,
+        shared: OAuthRedis | None = None,
         client_id: str = CLIENT_ID,
         gate: Gate | None = None,
         retry_after_s: tuple[float, float] = (5.0, 300.0),
@@ -144,9 +113,9 @@ class TokenRefresher:
         self.wait_s = wait_s
         self.min_interval_s = min_interval_s
         self.backoff_s = backoff_s
-        self.reload_interval_s = reload_interval_s
+        self._file = CredentialsFile(path, reload_interval_s)
         self._lock = lock or FileLock(path + ".lock")
-        self._session = session or _session()
+        self._session = session or new_session()
         self._clock = clock
         self._on_token = on_token or (lambda token: None)
         self._on_result = on_result or (lambda result: None)
@@ -155,9 +124,6 @@ class TokenRefresher:
         self._background = False
         self._failures = 0
         self._next_attempt = 0.0  # clock time before which the endpoint is not called again
-        self._checked_at = float("-inf")  # monotonic time of the last stat of the file
-        self._signature: tuple[int, int, int] | None = None
-        self._unusable: object = None  # the file's signature when it last failed to parse
         self._dead: str | None = None  # key_id of a refresh token known to be dead
         # (parsed file, loggable id of its access token), swapped as one value.
         self._current: tuple[CredentialsDocument, str] = self._load()
@@ -272,7 +238,7 @@ class TokenRefresher:
         spending the token shim holds now would end in ``invalid_grant``.
         """
         deadline = time.monotonic() + wait_s
-        while self._unusable is not None and time.monotonic() < deadline:
+        while self._file.unusable is not None and time.monotonic() < deadline:
             time.sleep(0.05)
             self._reload(force=True)
 
@@ -287,22 +253,14 @@ class TokenRefresher:
         spent = parsed.credentials.refresh_token
         started = time.monotonic()
         try:
-            response = self._session.post(
-                self.token_url,
-                json={
-                    "grant_type": "refresh_token",
-                    "refresh_token": spent,
-                    "client_id": self.client_id,
-                },
-                headers={"Accept": "application/json", "User-Agent": USER_AGENT},
-                timeout=self.timeout_s,
-                allow_redirects=False,
+            response = request_refresh(
+                self._session, self.token_url, spent, self.client_id, self.timeout_s
             )
         except requests.RequestException as exc:
             return self._failed("unreachable", note, error=type(exc).__name__)
         status = response.status_code
         if status != 200:
-            error = _error_code(response)
+            error = error_code(response)
             if error == "invalid_grant":
                 # Not the endpoint's fault but the token's: no back-off, see the file.
                 log.warning(
@@ -318,13 +276,13 @@ class TokenRefresher:
                 return self._after_invalid_grant(spent, note)
             wait = None
             if status == 429 or status >= 500:
-                wait = _retry_after(response.headers.get("Retry-After"), self._clock())
+                wait = retry_after(response.headers.get("Retry-After"), self._clock())
                 if wait is not None:
                     low, high = self.retry_after_s
                     wait = min(high, max(low, wait))
             return self._failed("rejected", note, wait, status=status, error=error)
         try:
-            new = parse_token_answer(_json(response), self._clock(), spent)
+            new = token_answer(response, self._clock(), spent)
         except TokenAnswerError as exc:
             return self._failed("bad_answer", note, error=str(exc))
         self._install(new)
@@ -401,90 +359,24 @@ class TokenRefresher:
         return False
 
     def _install(self, new: OAuthCredentials) -> None:
-        """Make ``new`` this worker's pair and write it to the file for the other workers.
-
-        The file is read again just before: fields Claude Code added meanwhile
-        are kept, and a pair someone else wrote meanwhile (a new login) is not
-        overwritten; it is adopted at the next reload instead.
-        """
+        """Make ``new`` this worker's pair and write it to the file for the other workers."""
         # Known to the log filter before anything could print them.
         self._on_token(new.access_token)
         self._on_token(new.refresh_token)
-        parsed = self._current[0]
-        try:
-            on_disk = read_credentials(self.path)
-        except (OSError, CredentialsFileError):
-            on_disk = None
-        base = parsed
-        if on_disk is not None:
-            if on_disk.credentials.refresh_token not in (
-                parsed.credentials.refresh_token,
-                new.refresh_token,
-            ):
-                log.warning(
-                    "another pair was written to the credentials file meanwhile; left in place",
-                    extra={"event": "oauth_file_changed", "credential": _ident(new.access_token)},
-                )
-                self._current = (
-                    CredentialsDocument(new, with_credentials(parsed, new), parsed.nested),
-                    _ident(new.access_token),
-                )
-                return
-            base = on_disk
-        document = with_credentials(base, new)
-        try:
-            write_credentials(self.path, document)
-            self._signature = _signature(os.stat(self.path))
-        except OSError as exc:
-            # The old refresh token is spent: this worker keeps the new pair in
-            # memory, but the other workers will fail until the file is fixed.
-            log.error(
-                "new token could not be written back",
-                extra={"event": "oauth_write_failed", "error": type(exc).__name__},
-            )
-        self._current = (
-            CredentialsDocument(new, document, base.nested),
-            _ident(new.access_token),
-        )
+        self._current = (self._file.write_back(self._current[0], new), ident(new.access_token))
 
     # -- the pair shared between boxes (Redis) -----------------------------------------------
 
     def _publish(self, new: OAuthCredentials) -> None:
-        if self._shared is None:
-            return
-        value = json.dumps(
-            {
-                "access_token": new.access_token,
-                "refresh_token": new.refresh_token,
-                "expires_at": new.expires_at,
-            }
-        ).encode()
-        try:
-            # Kept a day past expiry: a box that wakes up late still finds the newest pair.
-            self._shared.set_value(SHARED_PAIR, value, new.expires_at - self._clock() + 86_400)
-        except StateUnavailable as exc:
-            log.warning(
-                "refreshed token not shared: other boxes must refresh on their own",
-                extra={"event": "oauth_share_failed", "error": str(exc)},
-            )
+        if self._shared is not None:
+            publish_pair(self._shared, new, self._clock())
 
     def _adopt_shared(self) -> None:
         """Take a newer pair another box refreshed into the shared store, and write it here."""
         if self._shared is None:
             return
-        try:
-            raw = self._shared.get_value(SHARED_PAIR)
-        except StateUnavailable:
-            return
-        if not raw:
-            return
-        try:
-            data = json.loads(raw)
-            shared = OAuthCredentials(
-                str(data["access_token"]), str(data["refresh_token"]), float(data["expires_at"])
-            )
-        except (ValueError, KeyError, TypeError):
-            log.warning("shared oauth pair unreadable; ignored", extra={"event": "oauth_share_bad"})
+        shared = read_pair(self._shared)
+        if shared is None:
             return
         parsed, _ = self._current
         if (
@@ -502,36 +394,16 @@ class TokenRefresher:
     # -- the file ---------------------------------------------------------------------------
 
     def _load(self) -> tuple[CredentialsDocument, str]:
-        parsed = read_credentials(self.path)
-        self._signature = _signature(os.stat(self.path))
-        self._checked_at = time.monotonic()
+        parsed = self._file.load()
         self._on_token(parsed.credentials.access_token)
         self._on_token(parsed.credentials.refresh_token)
-        return parsed, _ident(parsed.credentials.access_token)
+        return parsed, ident(parsed.credentials.access_token)
 
     def _reload(self, force: bool = False) -> None:
         """Adopt the file's pair if the file changed (checked at most every reload_interval_s)."""
-        now = time.monotonic()
-        if not force and now < self._checked_at + self.reload_interval_s:
+        parsed = self._file.changed(force)
+        if parsed is None:
             return
-        self._checked_at = now
-        signature = None
-        try:
-            signature = _signature(os.stat(self.path))
-            if signature == self._signature or signature == self._unusable:
-                return
-            parsed = read_credentials(self.path)
-        except (OSError, CredentialsFileError) as exc:
-            # Mid-write (Claude Code rewrites in place), mid-edit or gone: keep
-            # the token we have, read it again once it changes, say why once.
-            if self._unusable != (signature or "missing"):
-                self._unusable = signature or "missing"
-                log.warning(
-                    "credentials file unusable; keeping the current token",
-                    extra={"event": "oauth_file_unusable", "error": str(exc)},
-                )
-            return
-        self._signature, self._unusable = signature, None
         old = self._current[0].credentials
         if parsed.credentials.refresh_token != old.refresh_token and self._failures:
             # A new login or another client's refresh: the old token's back-off is moot
@@ -540,7 +412,7 @@ class TokenRefresher:
         if parsed.credentials.access_token != old.access_token:
             self._on_token(parsed.credentials.access_token)
             self._on_token(parsed.credentials.refresh_token)
-            self._current = (parsed, _ident(parsed.credentials.access_token))
+            self._current = (parsed, ident(parsed.credentials.access_token))
             log.info(
                 "adopted the token in the credentials file",
                 extra={"event": "oauth_token_adopted", "credential": self._current[1]},
@@ -548,50 +420,3 @@ class TokenRefresher:
             self._on_result("adopted")
         else:
             self._current = (parsed, self._current[1])
-
-
-def _session() -> requests.Session:
-    session = requests.Session()
-    # A stray HTTPS_PROXY or ~/.netrc must not see or redirect the refresh token.
-    session.trust_env = False
-    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=2, max_retries=0)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    return session
-
-
-def _ident(token: str) -> str:
-    return "oauth:" + key_id(token)
-
-
-def _signature(stat: os.stat_result) -> tuple[int, int, int]:
-    return (stat.st_mtime_ns, stat.st_ino, stat.st_size)
-
-
-def _json(response: requests.Response) -> object:
-    try:
-        return response.json()
-    except ValueError:
-        raise TokenAnswerError("expected a JSON body") from None
-
-
-def _retry_after(value: str | None, now: float) -> float | None:
-    """Seconds a Retry-After header asks for (delta-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return when.timestamp() - now
-
-
-def _error_code(response: requests.Response) -> str | None:
-    try:
-        code = response.json().get("error")
-    except (ValueError, AttributeError):
-        return None
-    return code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else None

@@ -28,11 +28,11 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from shim.credentials import write_private_file
-from shim.limits import StateUnavailable
+from shim.secret_files import write_private_file
+from shim.store import StateUnavailable
 
 if TYPE_CHECKING:
-    from shim.state import RedisState
+    from shim.oauth_shared import OAuthRedis
 
 log = logging.getLogger("shim.oauth")
 
@@ -111,7 +111,7 @@ class FileGate:
 class SharedGate:
     """The note in Redis for every box; this box's ``FileGate`` while Redis is down."""
 
-    def __init__(self, state: RedisState, fallback: FileGate):
+    def __init__(self, state: OAuthRedis, fallback: FileGate):
         self._state = state
         self._fallback = fallback
 

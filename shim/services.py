@@ -68,7 +68,7 @@ def build_services(settings: Settings) -> Services:
         settings.auth_cooloff_s,
         # One count for all workers (made by the master), and for all instances on Redis.
         table=shared_table.inherited(),
-        shared=RedisFailures(settings.state_url) if shared else None,
+        shared=RedisFailures(shared.redis) if shared else None,
         on_state_error=metrics.state_failed,
     )
     clients = ClientTable(settings.shared_secret, settings.clients_file)

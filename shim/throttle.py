@@ -53,9 +53,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from shim.limits import WARN_EVERY_S, StateUnavailable
 from shim.shared_table import FailureTable
-from shim.state import REDIS_TIMEOUT_S, RETRY_AFTER_FAILURE_S
+from shim.store import WARN_EVERY_S, RedisConnection, StateUnavailable
 
 log = logging.getLogger("shim.throttle")
 
@@ -194,35 +193,21 @@ class RedisFailures:
     """Failed-secret counts in the Redis of ``SHIM_STATE_URL``, shared by every instance.
 
     Windows and cool-offs are Redis TTLs, so instances need no common clock.
-    Fails fast like shim.state.RedisState: an error is ``StateUnavailable``,
-    and Redis is not asked again for ``RETRY_AFTER_FAILURE_S``.
+    Runs on the process's one ``shim.store.RedisConnection`` (given a URL, as
+    tests and bench/throttle.py do, it opens one of its own): an error is
+    ``StateUnavailable``, and Redis is not asked again for
+    ``shim.store.RETRY_AFTER_FAILURE_S``.
     """
 
-    def __init__(self, url: str, clock: Callable[[], float] = time.monotonic):
-        import redis  # only when configured
-
-        self._errors = (redis.RedisError, OSError)
-        self._client = redis.Redis.from_url(
-            url,
-            socket_timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-            health_check_interval=30,
-        )
-        self._failed = self._client.register_script(_FAILED)
-        self._clock = clock
-        self._down_until = float("-inf")
+    def __init__(self, redis: RedisConnection | str):
+        if isinstance(redis, str):
+            redis = RedisConnection(redis)
+        self._redis = redis
+        self._call = redis.call
+        self._failed = redis.script(_FAILED)
 
     def __repr__(self) -> str:
         return "RedisFailures()"
-
-    def _call(self, action: Callable[[], object]) -> object:
-        if self._clock() < self._down_until:
-            raise StateUnavailable("redis unavailable (waiting before the next try)")
-        try:
-            return action()
-        except self._errors as exc:
-            self._down_until = self._clock() + RETRY_AFTER_FAILURE_S
-            raise StateUnavailable(f"redis: {type(exc).__name__}") from None
 
     def failed(
         self, key: str, count: int, max_failures: int, window_s: float, cooloff_s: float
@@ -230,10 +215,10 @@ class RedisFailures:
         """Count failures of ``key``: (whether they started a cool-off, seconds of it left)."""
         keys = [f"shim:auth:{{{key}}}:failures", f"shim:auth:{{{key}}}:cooloff"]
         args = [count, max_failures, max(1, int(window_s * 1000)), max(1, int(cooloff_s * 1000))]
-        began, left = self._call(lambda: self._failed(keys=keys, args=args))  # type: ignore[misc]
+        began, left = self._call(lambda: self._failed(keys=keys, args=args))
         return bool(began), max(0, int(left)) / 1000
 
     def cooling_off(self, key: str) -> float:
         """Seconds of cool-off ``key`` has left on any instance (0 when none)."""
-        left = self._call(lambda: self._client.pttl(f"shim:auth:{{{key}}}:cooloff"))
-        return max(0, int(left)) / 1000  # type: ignore[call-overload]
+        left = self._call(lambda: self._redis.client.pttl(f"shim:auth:{{{key}}}:cooloff"))
+        return max(0, int(left)) / 1000

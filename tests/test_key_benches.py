@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from shim.keys import KeyPool
-from shim.state import MAX_SHARED_BENCHES, MemoryState, RedisState
+from shim.gemini_keys import MAX_SHARED_BENCHES, KeyPool
+from shim.state import MemoryState, RedisState
 
 NOON = 1_780_000_000 - 1_780_000_000 % 86_400 + 43_200
 PRO, FLASH = "gemini-2.5-pro", "gemini-2.5-flash"

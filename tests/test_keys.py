@@ -7,7 +7,9 @@ import re
 
 import pytest
 
-from shim.keys import MAX_BENCHED_MODELS, KeyFileError, KeyPool, key_id, load_keys
+from shim.gemini_keys import MAX_BENCHED_MODELS, KeyPool
+from shim.keys import KeyFileError, load_keys
+from shim.secret_files import key_id
 from tests.fake_upstream import FAKE_GEMINI_KEYS
 
 

@@ -21,9 +21,9 @@ import responses
 from responses import matchers
 
 from shim.credentials import CLIENT_ID, read_credentials
-from shim.keys import key_id
-from shim.oauth import USER_AGENT, VERSION
+from shim.oauth_endpoint import USER_AGENT, VERSION
 from shim.oauth_gate import FileGate, GateNote, SharedGate, gate_path
+from shim.secret_files import key_id
 from shim.state import RedisState
 from tests.conftest import ROOT
 from tests.test_oauth import (

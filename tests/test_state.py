@@ -14,22 +14,12 @@ import pytest
 
 from shim.access import AccessRecord
 from shim.clients import ClientsFileError, parse_clients
-from shim.keys import KeyPool
-from shim.limits import (
-    IN_FLIGHT_RETRY_S,
-    LEASE_S,
-    MAX_PENDING_SETTLES,
-    RENEW_EVERY_S,
-    Lease,
-    Limiter,
-    LimitExceeded,
-    Limits,
-    StateUnavailable,
-    parse_limits,
-    tokens_used,
-)
+from shim.gemini_keys import KeyPool
+from shim.limit_types import IN_FLIGHT_RETRY_S, LEASE_S, Lease, Limits, parse_limits
+from shim.limits import MAX_PENDING_SETTLES, RENEW_EVERY_S, Limiter, LimitExceeded, tokens_used
 from shim.settings import ConfigError, Settings
 from shim.state import MemoryState, RedisState, open_state
+from shim.store import StateUnavailable
 from tests.conftest import RedisServer, closed_port, free_port, settings_env
 
 # Mid-day UTC, so a test never straddles midnight by accident.
@@ -587,7 +577,8 @@ def test_open_state_picks_the_store():
 
 
 def test_shared_lock_excludes_across_instances_and_falls_back_without_redis(redis_server, tmp_path):
-    from shim.locks import FileLock, LockTimeout, SharedLock
+    from shim.locks import FileLock, LockTimeout
+    from shim.oauth_shared import SharedLock
 
     name = f"test-{uuid.uuid4().hex[:8]}"
     first = SharedLock(RedisState(redis_server.url), name, 30, FileLock(str(tmp_path / "a.lock")))

@@ -66,8 +66,9 @@ class Anthropic(Provider):
         if settings.anthropic_credentials_file:
             # Only a credentials-file deployment loads the refresher and its locks.
             from shim import logs, metrics
-            from shim.locks import FileLock, SharedLock
+            from shim.locks import FileLock
             from shim.oauth import TokenRefresher
+            from shim.oauth_shared import SharedLock
 
             file_lock = FileLock(settings.anthropic_credentials_file + ".lock")
             refresher = TokenRefresher(

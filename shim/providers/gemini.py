@@ -19,7 +19,7 @@ from shim.access import AccessRecord
 from shim.candidates import param_values
 from shim.decode import DecodeFailed, DecodeLimit, Decoder, coding_of
 from shim.errors import ProviderNotConfigured, RateLimited, google_error_body
-from shim.keys import KeyPool
+from shim.gemini_keys import KeyPool
 from shim.providers.base import Provider, Route
 
 if TYPE_CHECKING:
