@@ -52,7 +52,7 @@ def build_services(settings: Settings) -> Services:
     state = open_state(settings.state_url)
     shared = state if isinstance(state, RedisState) else None
     providers_by_port = {
-        str(getattr(settings, cls.port_setting)): cls.from_settings(settings, shared)
+        str(cls.port(settings)): cls.from_settings(settings, shared)
         for cls in REGISTRY
     }
     forwarder = Forwarder(

@@ -240,7 +240,7 @@ class ShimWorker(GeventWorker):
             from shim.settings import Settings
 
             settings = Settings.from_env(os.environ)
-            self._renderers = {getattr(settings, p.port_setting): p.render_error for p in REGISTRY}
+            self._renderers = {p.port(settings): p.render_error for p in REGISTRY}
             self._renderers[None] = REGISTRY[0].render_error
         return self._renderers.get(port, self._renderers[None])
 

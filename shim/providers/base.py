@@ -50,6 +50,11 @@ class Provider:
     port_setting: str = ""
 
     @classmethod
+    def port(cls, settings: Settings) -> int:
+        """The port this provider listens on (its settings section says)."""
+        return getattr(settings, cls.port_setting)
+
+    @classmethod
     def from_settings(cls, settings: Settings, shared: RedisState | None) -> Provider:
         """Build this provider from the validated settings (``shared``: Redis, if configured)."""
         raise NotImplementedError
