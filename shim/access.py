@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
+from shim.errors import STOPPED, UNHANDLED_ERROR
+
 log = logging.getLogger("shim.access")
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -28,14 +30,12 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 class RequestIds:
     """Unique request ids, cheaply: a random per-process prefix and a counter.
 
-    uuid4 costs a system call per request; this costs a string format. The
-    prefix is drawn again after fork (each worker calls ``reseed``).
+    uuid4 costs a system call per request; this costs a string format. Each
+    worker builds its own after fork (the app is created in the worker, never
+    preloaded), so no two workers share a prefix.
     """
 
     def __init__(self) -> None:
-        self.reseed()
-
-    def reseed(self) -> None:
         self._prefix = os.urandom(8).hex()
         self._counter = itertools.count(1)
 
@@ -272,7 +272,7 @@ class AccessLog:
             # still written and the stream's gauge, socket and limit slot still freed.
             record.status = 500
             if record.error is None:
-                record.error = "unhandled_error" if isinstance(exc, Exception) else "stopping"
+                record.error = UNHANDLED_ERROR if isinstance(exc, Exception) else STOPPED
             record.end()
             raise
         if not record.deferred:

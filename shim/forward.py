@@ -23,21 +23,21 @@ import socket
 from collections.abc import Callable, Iterator
 
 import requests
-import urllib3.exceptions
+import urllib3
 from requests.adapters import HTTPAdapter, TimeoutSauce
 from werkzeug.wrappers import Response
 
 from shim import hangup, usage
 from shim.access import AccessRecord
 from shim.candidates import SECRET_ENVIRON
-from shim.errors import (
-    BadRequest,
-    GatewayError,
-    PayloadTooLarge,
-    RequestTimeout,
-    ShuttingDown,
-    UpstreamTimeout,
-    UpstreamUnreachable,
+from shim.errors import CLIENT_GONE, BadRequest, GatewayError, PayloadTooLarge, RequestTimeout
+from shim.failures import (
+    SEND,
+    STREAM,
+    UPSTREAM_FAILURES,
+    WHOLE_BODY,
+    failed,
+    map_upstream_failures,
 )
 from shim.providers.base import Provider
 
@@ -170,33 +170,10 @@ class Forwarder:
         credential: str | None,
         record: AccessRecord,
     ) -> urllib3.HTTPResponse:
-        try:
+        # A stop past the grace period while upstream is silent becomes the
+        # provider's 503 (retryable), not a dropped connection (shim.failures).
+        with map_upstream_failures(SEND, record, provider.name, credential):
             return self.adapter.send(prepared, stream=True, timeout=self.timeout).raw
-        except hangup.STOPPING:
-            # The worker's grace period ended while upstream had not answered yet:
-            # the client gets the provider's 503 (retryable), not a dropped connection.
-            record.error = "worker_stopping"
-            log.warning(
-                "worker stopping before upstream answered",
-                extra={"event": "worker_stopping", "provider": provider.name},
-            )
-            raise ShuttingDown() from None
-        except requests.exceptions.RequestException as exc:
-            # requests' own tree, translated in this one place (Timeout first:
-            # ConnectTimeout is both a Timeout and a ConnectionError).
-            timed_out = isinstance(exc, requests.exceptions.Timeout)
-            error = UpstreamTimeout() if timed_out else UpstreamUnreachable()
-            record.error = "upstream_timeout" if timed_out else "upstream_unreachable"
-            log.warning(
-                "upstream timeout before headers" if timed_out else "upstream unreachable",
-                extra={
-                    "event": record.error,
-                    "provider": provider.name,
-                    "error": type(exc).__name__,
-                    "credential": credential,
-                },
-            )
-            raise error from None
 
 
 def upstream_headers(environ: dict, credential_headers: frozenset[str]) -> dict[str, str]:
@@ -400,35 +377,19 @@ def usage_unread(record: AccessRecord, why: str) -> None:
     )
 
 
-def read_whole(
-    raw: urllib3.HTTPResponse, provider: Provider, record: AccessRecord | None = None
-) -> bytes:
-    """Read a small body of known length; a failure is still a clean 502/504."""
+def read_whole(raw: urllib3.HTTPResponse, provider: Provider, record: AccessRecord) -> bytes:
+    """Read the whole body of an answer (small, or an error answer before a retry).
+
+    A failure is a clean 502/503/504 (shim.failures), the connection closed.
+    """
     try:
-        body = raw.read(decode_content=False)
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raw.close()
+        with map_upstream_failures(WHOLE_BODY, record, provider.name):
+            return raw.read(decode_content=False)
+    except GatewayError:
+        raw.close()  # a half-read answer must not go back to the pool
+        raise
+    finally:
         raw.release_conn()
-        error = _stream_error(exc)
-        if record is not None:
-            record.error = "upstream_body_failed"
-        log.warning(
-            "upstream failed while sending the body",
-            extra={
-                "event": "upstream_body_failed",
-                "provider": provider.name,
-                "error": type(exc).__name__,
-            },
-        )
-        raise error from None
-    raw.release_conn()
-    return body
-
-
-def _stream_error(exc: BaseException) -> GatewayError:
-    if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
-        return UpstreamTimeout()
-    return UpstreamUnreachable("The upstream API ended the response early.")
 
 
 class UpstreamBody:
@@ -501,7 +462,7 @@ class UpstreamBody:
 
     def _on_client_hangup(self) -> None:
         self._client_gone = True
-        self._record.error = "client_gone"
+        self._record.error = CLIENT_GONE
         log.info(
             "client went away mid-stream; closing upstream",
             extra={
@@ -524,14 +485,9 @@ class UpstreamBody:
         except StopIteration:
             self._complete = True
             raise
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            if self._client_gone:
-                self._release(clean=False)
-                raise StopIteration from None
-            return self._fail(_stream_error(exc), type(exc).__name__)
-        except hangup.STOPPING:
-            # The worker's grace period is over: end the stream visibly, quickly.
-            return self._fail(ShuttingDown(), "worker_stopping")
+        except UPSTREAM_FAILURES as exc:
+            # A plain except, not a `with`, on this per-chunk path (shim.failures).
+            return self._fail(exc)
         self._record.sent(len(chunk))
         if self._tap is not None:
             self._tap.feed(chunk)
@@ -539,27 +495,17 @@ class UpstreamBody:
             self._record.events += 1
         return chunk
 
-    def _fail(self, error: GatewayError, cause: str) -> bytes:
-        self._record.error = (
-            "worker_stopping"
-            if cause == "worker_stopping"
-            else ("upstream_timeout" if isinstance(error, UpstreamTimeout) else "stream_failed")
-        )
-        log.warning(
-            "upstream stream ended early",
-            extra={
-                "event": "upstream_stream_failed",
-                "provider": self._provider.name,
-                "error": cause,
-                "status": error.status,
-                "request_id": self._record.request_id,
-            },
-        )
+    def _fail(self, exc: BaseException) -> bytes:
+        if self._client_gone and not isinstance(exc, hangup.STOPPING):
+            # Our own watcher cut upstream: the client is not there to tell.
+            self._release(clean=False)
+            raise StopIteration from None
+        error = failed(exc, STREAM, self._record, self._provider.name)
         self._release(clean=False)
         frame = self._frame(error, self._content_type) if self._frame else None
         if frame is None:
             self._finish()
-            raise StreamAborted(f"stream ended early ({cause})") from None
+            raise StreamAborted(f"stream ended early ({error.code})") from None
         self._chunks = iter(())
         self._record.sent(len(frame))
         return frame
