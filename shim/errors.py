@@ -180,3 +180,14 @@ class ShuttingDown(GatewayError):
 CLIENT_GONE = "client_gone"  # the client hung up mid-stream (shim.stream)
 UNHANDLED_ERROR = "unhandled_error"  # a bug: the last-resort 500 (shim.access)
 STOPPED = "stopping"  # the worker stopped the request outside forwarding (shim.access)
+# Codes that blame upstream (shim_upstream_errors_total); every other code on
+# an access line (those above, ShuttingDown's, shim.limits' limit_<kind>) is
+# the request's own outcome (shim_request_errors_total).
+UPSTREAM_CODES = frozenset(
+    {
+        UpstreamUnreachable.code,
+        UpstreamBodyFailed.code,
+        StreamFailed.code,
+        UpstreamTimeout.code,
+    }
+)
