@@ -3,7 +3,7 @@
 ``AccessLog`` is a thin WSGI middleware: it opens the record (request id,
 provider by port, start time), adds ``X-Request-Id`` to the answer and, for
 answers sent in one piece, closes the record right away. A streamed answer
-(``shim.forward.UpstreamBody``) closes it itself when the stream ends, so
+(``shim.stream.UpstreamBody``) closes it itself when the stream ends, so
 duration, bytes, gaps and token usage cover the whole stream.
 
 Closing a record writes the access line (logger ``shim.access``) and feeds the
@@ -113,7 +113,7 @@ class AccessRecord:
         # A long call renews its limit lease as it streams (set by shim.limits.Limiter.admit).
         self.renew_at = float("inf")
         self.renewer: Callable[[AccessRecord], None] | None = None
-        # A streamed body that closes this record when it ends (shim.forward.UpstreamBody).
+        # A streamed body that closes this record when it ends (shim.stream.UpstreamBody).
         self.body: _Closable | None = None
         self.request_id = request_id
         self.provider = provider
