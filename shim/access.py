@@ -3,7 +3,7 @@
 ``AccessLog`` is a thin WSGI middleware: it opens the record (request id,
 provider by port, start time), adds ``X-Request-Id`` to the answer and, for
 answers sent in one piece, closes the record right away. A streamed answer
-(``shim.forward.UpstreamBody``) closes it itself when the stream ends, so
+(``shim.stream.UpstreamBody``) closes it itself when the stream ends, so
 duration, bytes, gaps and token usage cover the whole stream.
 
 Closing a record writes the access line (logger ``shim.access``) and feeds the
@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
+from shim.errors import STOPPED, UNHANDLED_ERROR
+
 log = logging.getLogger("shim.access")
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -28,14 +30,12 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 class RequestIds:
     """Unique request ids, cheaply: a random per-process prefix and a counter.
 
-    uuid4 costs a system call per request; this costs a string format. The
-    prefix is drawn again after fork (each worker calls ``reseed``).
+    uuid4 costs a system call per request; this costs a string format. Each
+    worker builds its own after fork (the app is created in the worker, never
+    preloaded), so no two workers share a prefix.
     """
 
     def __init__(self) -> None:
-        self.reseed()
-
-    def reseed(self) -> None:
         self._prefix = os.urandom(8).hex()
         self._counter = itertools.count(1)
 
@@ -113,7 +113,7 @@ class AccessRecord:
         # A long call renews its limit lease as it streams (set by shim.limits.Limiter.admit).
         self.renew_at = float("inf")
         self.renewer: Callable[[AccessRecord], None] | None = None
-        # A streamed body that closes this record when it ends (shim.forward.UpstreamBody).
+        # A streamed body that closes this record when it ends (shim.stream.UpstreamBody).
         self.body: _Closable | None = None
         self.request_id = request_id
         self.provider = provider
@@ -272,7 +272,7 @@ class AccessLog:
             # still written and the stream's gauge, socket and limit slot still freed.
             record.status = 500
             if record.error is None:
-                record.error = "unhandled_error" if isinstance(exc, Exception) else "stopping"
+                record.error = UNHANDLED_ERROR if isinstance(exc, Exception) else STOPPED
             record.end()
             raise
         if not record.deferred:

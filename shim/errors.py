@@ -1,6 +1,6 @@
-"""The gateway's own errors: what went wrong, as a status and a kind.
+"""The gateway's own errors: what went wrong, as a status, a kind and a log code.
 
-Tree (rendering into a provider's JSON shape lives in each provider module)::
+Tree (status, and the access line's ``error`` code where it has one)::
 
     GatewayError (500 internal)
     ├── BadRequest (400)
@@ -11,10 +11,19 @@ Tree (rendering into a provider's JSON shape lives in each provider module)::
     ├── PayloadTooLarge (413)
     ├── RateLimited (429)
     │   └── AuthThrottled (429)
-    ├── UpstreamUnreachable (502)
+    ├── UpstreamUnreachable (502, upstream_unreachable)
+    │   └── UpstreamBodyFailed (502, upstream_body_failed)
+    │       └── StreamFailed (502, stream_failed)
     ├── ProviderNotConfigured (503)
-    ├── ShuttingDown (503)
-    └── UpstreamTimeout (504)
+    ├── ShuttingDown (503, worker_stopping)
+    └── UpstreamTimeout (504, upstream_timeout)
+
+``kind`` picks the wire words: the two vocabularies and body builders below
+are shared by the provider specs (each one's ``error_body`` uses one of them)
+and by the gunicorn worker, which answers framing errors before the app runs.
+``code`` is what the access line's ``error`` says when the error ends a
+forwarded call (set by ``shim.failures``, the one place that translates
+failures toward upstream); None where the status alone tells.
 
 Messages are fixed strings meant for clients; details (exception classes,
 addresses) go to the log, never into a response, because they can carry URLs,
@@ -70,6 +79,7 @@ def google_error_body(status: int, kind: str, message: str) -> bytes:
 class GatewayError(Exception):
     status = 500
     kind = "internal"
+    code: str | None = None
     message = "The gateway failed to handle the request."
 
     def __init__(self, message: str | None = None, headers: tuple[tuple[str, str], ...] = ()):
@@ -127,7 +137,21 @@ class AuthThrottled(RateLimited):
 class UpstreamUnreachable(GatewayError):
     status = 502
     kind = "upstream_unreachable"
+    code = "upstream_unreachable"
     message = "The upstream API could not be reached."
+
+
+class UpstreamBodyFailed(UpstreamUnreachable):
+    """Upstream answered, then broke off while its body was read whole."""
+
+    code = "upstream_body_failed"
+    message = "The upstream API ended the response early."
+
+
+class StreamFailed(UpstreamBodyFailed):
+    """Upstream broke off mid-stream: the client gets an error frame or an aborted body."""
+
+    code = "stream_failed"
 
 
 class ProviderNotConfigured(GatewayError):
@@ -139,6 +163,7 @@ class ProviderNotConfigured(GatewayError):
 class UpstreamTimeout(GatewayError):
     status = 504
     kind = "upstream_timeout"
+    code = "upstream_timeout"
     message = "The upstream API did not answer in time."
 
 
@@ -147,4 +172,22 @@ class ShuttingDown(GatewayError):
 
     status = 503
     kind = "shutting_down"
+    code = "worker_stopping"
     message = "The gateway is restarting; retry the request."
+
+
+# Access-line codes for outcomes that are not an error answered to the client.
+CLIENT_GONE = "client_gone"  # the client hung up mid-stream (shim.stream)
+UNHANDLED_ERROR = "unhandled_error"  # a bug: the last-resort 500 (shim.access)
+STOPPED = "stopping"  # the worker stopped the request outside forwarding (shim.access)
+# Codes that blame upstream (shim_upstream_errors_total); every other code on
+# an access line (those above, ShuttingDown's, shim.limits' limit_<kind>) is
+# the request's own outcome (shim_request_errors_total).
+UPSTREAM_CODES = frozenset(
+    {
+        UpstreamUnreachable.code,
+        UpstreamBodyFailed.code,
+        StreamFailed.code,
+        UpstreamTimeout.code,
+    }
+)

@@ -4,6 +4,12 @@ One ``Forwarder`` per worker process. It is provider-agnostic: the provider
 passed in says where the secret was, how to attach the credential and how an
 error looks; nothing here branches on which provider it is.
 
+Its parts live beside it: reading the client's body (shim.request_body),
+relaying a streamed answer (shim.stream), translating every failure toward
+upstream into the gateway's errors (shim.failures). This module builds the
+upstream request, sends it, retries once on another credential and relays
+answers read whole.
+
 Hot-path choices (every request, every chunk), measured in bench/:
 - the upstream request is a ``PreparedRequest`` built by hand and given to
   the session's adapter directly: no environment/proxy lookups, no cookie
@@ -17,34 +23,24 @@ Hot-path choices (every request, every chunk), measured in bench/:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
-from collections.abc import Callable, Iterator
 
 import requests
-import urllib3.exceptions
+import urllib3
 from requests.adapters import HTTPAdapter, TimeoutSauce
 from werkzeug.wrappers import Response
 
-from shim import hangup, usage
+from shim import usage
 from shim.access import AccessRecord
 from shim.candidates import SECRET_ENVIRON
-from shim.errors import (
-    BadRequest,
-    GatewayError,
-    PayloadTooLarge,
-    RequestTimeout,
-    ShuttingDown,
-    UpstreamTimeout,
-    UpstreamUnreachable,
-)
+from shim.errors import BadRequest, GatewayError
+from shim.failures import SEND, WHOLE_BODY, map_upstream_failures
 from shim.providers.base import Provider
+from shim.request_body import read_body_in_time
+from shim.stream import StreamCounter, UpstreamBody, usage_unread
 
 log = logging.getLogger("shim.forward")
 
-# Read at most this much per chunk; a chunk that arrives smaller is sent as it is.
-CHUNK_BYTES = 65_536
 # Bodies of known length up to this size are read whole (one write, no iterator).
 WHOLE_BODY_BYTES = 1_048_576
 
@@ -79,14 +75,6 @@ REQUEST_DROP = HOP_BY_HOP | {
 _CONNECTION_WORDS = frozenset({"keep-alive", "close", ""})
 # gunicorn writes its own Date and Server; two of each would confuse clients.
 RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
-
-
-# Told (provider name, +1 or -1) as a stream starts and ends (the in-flight gauge).
-StreamCounter = Callable[[str, int], None]
-
-
-class StreamAborted(Exception):
-    """Raised into the WSGI server to cut a stream so the client sees it fail."""
 
 
 class Forwarder:
@@ -170,33 +158,10 @@ class Forwarder:
         credential: str | None,
         record: AccessRecord,
     ) -> urllib3.HTTPResponse:
-        try:
+        # A stop past the grace period while upstream is silent becomes the
+        # provider's 503 (retryable), not a dropped connection (shim.failures).
+        with map_upstream_failures(SEND, record, provider.name, credential):
             return self.adapter.send(prepared, stream=True, timeout=self.timeout).raw
-        except hangup.STOPPING:
-            # The worker's grace period ended while upstream had not answered yet:
-            # the client gets the provider's 503 (retryable), not a dropped connection.
-            record.error = "worker_stopping"
-            log.warning(
-                "worker stopping before upstream answered",
-                extra={"event": "worker_stopping", "provider": provider.name},
-            )
-            raise ShuttingDown() from None
-        except requests.exceptions.RequestException as exc:
-            # requests' own tree, translated in this one place (Timeout first:
-            # ConnectTimeout is both a Timeout and a ConnectionError).
-            timed_out = isinstance(exc, requests.exceptions.Timeout)
-            error = UpstreamTimeout() if timed_out else UpstreamUnreachable()
-            record.error = "upstream_timeout" if timed_out else "upstream_unreachable"
-            log.warning(
-                "upstream timeout before headers" if timed_out else "upstream unreachable",
-                extra={
-                    "event": record.error,
-                    "provider": provider.name,
-                    "error": type(exc).__name__,
-                    "credential": credential,
-                },
-            )
-            raise error from None
 
 
 def upstream_headers(environ: dict, credential_headers: frozenset[str]) -> dict[str, str]:
@@ -265,70 +230,6 @@ def upstream_path(environ: dict, provider: Provider) -> str:
     return f"{path}?{query}"
 
 
-def read_body_in_time(environ: dict, limit: int, seconds: float) -> bytes:
-    """``read_body``, but a client that trickles its body gets 408 after ``seconds``."""
-    try:
-        with hangup.deadline(seconds):
-            return read_body(environ, limit)
-    except TimeoutError:
-        log.info("request body too slow", extra={"event": "request_body_timeout"})
-        client = environ.get("gunicorn.socket")
-        if client is not None:
-            # The rest of the body is unread: end the connection after the 408
-            # instead of letting the server drain a trickle.
-            with contextlib.suppress(OSError):
-                client.shutdown(socket.SHUT_RD)
-        raise RequestTimeout() from None
-
-
-def read_body(environ: dict, limit: int) -> bytes:
-    """Read the request body, refusing one over ``limit`` before reading it."""
-    stream = environ["wsgi.input"]
-    length = environ.get("CONTENT_LENGTH")
-    if length:
-        try:
-            expected = int(length)
-        except ValueError:
-            raise BadRequest("Invalid Content-Length header.") from None
-        if expected < 0:
-            raise BadRequest("Invalid Content-Length header.")
-        if expected > limit:
-            raise PayloadTooLarge()
-        if expected == 0:
-            return b""
-        body = _read(stream, expected)
-        if len(body) != expected:
-            raise BadRequest("The request body ended before Content-Length bytes arrived.")
-        return body
-    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        parts = []
-        total = 0
-        while True:
-            data = _read(stream, CHUNK_BYTES)
-            if not data:
-                return b"".join(parts)
-            total += len(data)
-            if total > limit:
-                raise PayloadTooLarge()
-            parts.append(data)
-    return b""
-
-
-def _read(stream, size: int) -> bytes:  # noqa: ANN001 - any WSGI input stream
-    try:
-        return stream.read(size)
-    except TimeoutError:
-        raise  # our own deadline (read_body_in_time), not a broken body
-    except Exception as exc:  # noqa: BLE001 - the server's body parser raises its own types
-        # A client that hangs up or sends a broken chunked body: that is a bad
-        # request, not a gateway failure, whatever class the server uses for it.
-        log.info(
-            "request body unreadable",
-            extra={"event": "request_body_unreadable", "error": type(exc).__name__},
-        )
-        raise BadRequest("The request body could not be read.") from None
-
-
 def response_headers(raw: urllib3.HTTPResponse) -> list[tuple[str, str]]:
     return [(k, v) for k, v in raw.headers.items() if k.lower() not in RESPONSE_DROP]
 
@@ -386,223 +287,16 @@ def relay(
     return Response(body, status=status_line(raw), headers=headers, direct_passthrough=True)
 
 
-def usage_unread(record: AccessRecord, why: str) -> None:
-    """Say on the access line, and in one log line, that usage could not be read."""
-    record.usage_unread = why
-    log.warning(
-        "usage not read from the answer",
-        extra={
-            "event": "usage_unread",
-            "reason": why,
-            "provider": record.provider,
-            "request_id": record.request_id,
-        },
-    )
+def read_whole(raw: urllib3.HTTPResponse, provider: Provider, record: AccessRecord) -> bytes:
+    """Read the whole body of an answer (small, or an error answer before a retry).
 
-
-def read_whole(
-    raw: urllib3.HTTPResponse, provider: Provider, record: AccessRecord | None = None
-) -> bytes:
-    """Read a small body of known length; a failure is still a clean 502/504."""
-    try:
-        body = raw.read(decode_content=False)
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raw.close()
-        raw.release_conn()
-        error = _stream_error(exc)
-        if record is not None:
-            record.error = "upstream_body_failed"
-        log.warning(
-            "upstream failed while sending the body",
-            extra={
-                "event": "upstream_body_failed",
-                "provider": provider.name,
-                "error": type(exc).__name__,
-            },
-        )
-        raise error from None
-    raw.release_conn()
-    return body
-
-
-def _stream_error(exc: BaseException) -> GatewayError:
-    if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
-        return UpstreamTimeout()
-    return UpstreamUnreachable("The upstream API ended the response early.")
-
-
-class UpstreamBody:
-    """The WSGI body of a streamed upstream response.
-
-    Yields upstream's bytes as they arrive. If upstream fails mid-stream the
-    client must *see* a failure, never a clean end that looks complete: the
-    provider's error frame is sent if it has one for this content type,
-    otherwise the stream is aborted (the server drops the connection without
-    the terminating chunk). The same happens when the worker is stopped past
-    its grace period (gevent's GreenletExit arrives while we wait on upstream).
-
-    A client that hangs up while upstream is quiet is noticed by a watcher on
-    its socket, which cuts the upstream connection at once, so an abandoned
-    generation stops costing quota without waiting for upstream's next byte.
-
-    ``close`` is called by the server even when the body was never iterated
-    (HEAD, client gone): it always releases upstream.
+    A failure is a clean 502/503/504 (shim.failures), the connection closed.
     """
-
-    __slots__ = (
-        "_raw",
-        "_chunks",
-        "_provider",
-        "_content_type",
-        "_frame",
-        "_complete",
-        "_watch",
-        "_client_gone",
-        "_record",
-        "_tap",
-        "_finished",
-        "_on_stream",
-    )
-
-    def __init__(  # noqa: PLR0913
-        self,
-        raw: urllib3.HTTPResponse,
-        provider: Provider,
-        content_type: str,
-        frame,  # noqa: ANN001 - the provider's stream_error_frame, or None
-        record: AccessRecord,
-        tap: usage.Tap | None,
-        on_stream: StreamCounter | None = None,
-    ):
-        self._on_stream = on_stream
-        self._raw = raw
-        self._provider = provider
-        self._content_type = content_type
-        self._frame = frame
-        self._record = record
-        self._tap = tap
-        self._complete = False
-        self._finished = False
-        self._watch = None
-        self._client_gone = False
-        record.stream = True
-        record.deferred = True  # this body writes the access line when it ends
-        record.body = self
-        if on_stream is not None:
-            on_stream(provider.name, 1)
-        if raw.chunked:
-            self._chunks: Iterator[bytes] = raw.read_chunked(CHUNK_BYTES, decode_content=False)
-        else:
-            self._chunks = _read1_chunks(raw)
-
-    def watch_client(self, client: socket.socket | None) -> None:
-        if client is not None:
-            self._watch = hangup.watch(client, self._on_client_hangup)
-
-    def _on_client_hangup(self) -> None:
-        self._client_gone = True
-        self._record.error = "client_gone"
-        log.info(
-            "client went away mid-stream; closing upstream",
-            extra={
-                "event": "client_gone",
-                "provider": self._provider.name,
-                "request_id": self._record.request_id,
-            },
-        )
-        raw = self._raw
-        if raw is not None:
-            # Wakes the greenlet blocked on upstream's next byte with an EOF.
-            hangup.shutdown_upstream(raw)
-
-    def __iter__(self) -> UpstreamBody:
-        return self
-
-    def __next__(self) -> bytes:
-        try:
-            chunk = next(self._chunks)
-        except StopIteration:
-            self._complete = True
-            raise
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            if self._client_gone:
-                self._release(clean=False)
-                raise StopIteration from None
-            return self._fail(_stream_error(exc), type(exc).__name__)
-        except hangup.STOPPING:
-            # The worker's grace period is over: end the stream visibly, quickly.
-            return self._fail(ShuttingDown(), "worker_stopping")
-        self._record.sent(len(chunk))
-        if self._tap is not None:
-            self._tap.feed(chunk)
-        else:
-            self._record.events += 1
-        return chunk
-
-    def _fail(self, error: GatewayError, cause: str) -> bytes:
-        self._record.error = (
-            "worker_stopping"
-            if cause == "worker_stopping"
-            else ("upstream_timeout" if isinstance(error, UpstreamTimeout) else "stream_failed")
-        )
-        log.warning(
-            "upstream stream ended early",
-            extra={
-                "event": "upstream_stream_failed",
-                "provider": self._provider.name,
-                "error": cause,
-                "status": error.status,
-                "request_id": self._record.request_id,
-            },
-        )
-        self._release(clean=False)
-        frame = self._frame(error, self._content_type) if self._frame else None
-        if frame is None:
-            self._finish()
-            raise StreamAborted(f"stream ended early ({cause})") from None
-        self._chunks = iter(())
-        self._record.sent(len(frame))
-        return frame
-
-    def close(self) -> None:
-        self._release(clean=self._complete)
-        self._finish()
-
-    def _finish(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        record = self._record
-        tap = self._tap
-        if tap is not None:
-            tap.read(lambda data: self._provider.read_usage(data, record))
-            record.events = tap.events
-            why = usage.why_unread(tap)
-            if why is not None:
-                usage_unread(record, why)
-        if self._on_stream is not None:
-            self._on_stream(self._provider.name, -1)
-        record.close()
-
-    def _release(self, clean: bool) -> None:
-        if self._watch is not None:
-            hangup.stop(self._watch)
-            self._watch = None
-        raw = self._raw
-        if raw is None:
-            return
-        self._raw = None
-        if not clean:
-            # Closing the socket is what stops an abandoned generation upstream.
-            raw.close()
+    try:
+        with map_upstream_failures(WHOLE_BODY, record, provider.name):
+            return raw.read(decode_content=False)
+    except GatewayError:
+        raw.close()  # a half-read answer must not go back to the pool
+        raise
+    finally:
         raw.release_conn()
-
-
-def _read1_chunks(raw: urllib3.HTTPResponse) -> Iterator[bytes]:
-    # read1 returns what has arrived (up to CHUNK_BYTES) instead of waiting to fill it.
-    read1 = raw.read1
-    while True:
-        data = read1(CHUNK_BYTES, decode_content=False)
-        if not data:
-            return
-        yield data

@@ -26,6 +26,7 @@ from prometheus_client import (
 
 from shim import quota
 from shim.access import AccessRecord
+from shim.errors import UPSTREAM_CODES
 
 MAX_MODELS = 50
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -62,8 +63,16 @@ STREAMS_IN_FLIGHT = Gauge(
     multiprocess_mode="livesum",
 )
 TOKENS = Counter("shim_tokens_total", "Tokens reported by upstream", ["provider", "model", "kind"])
+# Every access line with an `error` counts once, in one of these two (issue #16).
 UPSTREAM_ERRORS = Counter(
-    "shim_upstream_errors_total", "Upstream failures by kind", ["provider", "kind"]
+    "shim_upstream_errors_total",
+    "Calls that failed upstream: unreachable, timed out, body or stream cut",
+    ["provider", "kind"],
+)
+REQUEST_ERRORS = Counter(
+    "shim_request_errors_total",
+    "Calls that ended otherwise: client gone, limit refused, worker stopping, unhandled error",
+    ["provider", "kind"],
 )
 LIMIT_REJECTIONS = Counter(
     "shim_limit_rejections_total", "Calls refused by a per-client limit", ["client", "limit"]
@@ -251,8 +260,10 @@ def observe(record: AccessRecord, fields: dict) -> None:
         ):
             if count:
                 _child(TOKENS, provider, model, kind).inc(count)
-    if record.error:
-        _child(UPSTREAM_ERRORS, provider, record.error).inc()
+    error = record.error
+    if error:
+        metric = UPSTREAM_ERRORS if error in UPSTREAM_CODES else REQUEST_ERRORS
+        _child(metric, provider, error).inc()
     if record.refusal is not None:
         _child(SUBSCRIPTION_REFUSALS, record.refusal).inc()
     # A member's own subscription (issue #15) is not shim's: its quota stays in the access line.
