@@ -224,7 +224,7 @@ class ShimWorker(GeventWorker):
         gevent.killall(list(self._waiting), block=False)
         # The master SIGKILLs workers at graceful_timeout, so end the streams
         # still running a little before that, while they can still say why
-        # (shim.forward turns this GreenletExit into the provider's error frame).
+        # (shim.failures turns this GreenletExit into the provider's error frame).
         grace = float(self.cfg.graceful_timeout)
         gevent.sleep(max(grace - 1.0, grace * 0.5))
         if self._busy:
