@@ -18,9 +18,9 @@ Tree (status, and the access line's ``error`` code where it has one)::
     ├── ShuttingDown (503, worker_stopping)
     └── UpstreamTimeout (504, upstream_timeout)
 
-``kind`` picks the wire words: the two vocabularies and body builders below
-are shared by the provider specs (each one's ``error_body`` uses one of them)
-and by the gunicorn worker, which answers framing errors before the app runs.
+``kind`` picks the wire words: each provider module maps kinds to its own
+vocabulary and renders the body (``Provider.render_error``), for the app and
+for the gunicorn worker, which answers framing errors before the app runs.
 ``code`` is what the access line's ``error`` says when the error ends a
 forwarded call (set by ``shim.failures``, the one place that translates
 failures toward upstream); None where the status alone tells.
@@ -31,49 +31,6 @@ hosts or keys.
 """
 
 from __future__ import annotations
-
-import json
-
-# How each kind reads on each provider's wire. Shared by the provider specs and
-# by the gunicorn worker, which answers framing errors before the app runs.
-ANTHROPIC_TYPES = {
-    "invalid_request": "invalid_request_error",
-    "authentication": "authentication_error",
-    "not_found": "not_found_error",
-    "method_not_allowed": "invalid_request_error",
-    "too_large": "request_too_large",
-    "rate_limited": "rate_limit_error",
-    "request_timeout": "timeout_error",
-    "upstream_unreachable": "api_error",
-    "not_configured": "api_error",
-    "upstream_timeout": "timeout_error",
-    "shutting_down": "overloaded_error",
-    "internal": "api_error",
-}
-GOOGLE_STATUSES = {
-    "invalid_request": "INVALID_ARGUMENT",
-    "authentication": "UNAUTHENTICATED",
-    "not_found": "NOT_FOUND",
-    "method_not_allowed": "INVALID_ARGUMENT",
-    "too_large": "INVALID_ARGUMENT",
-    "rate_limited": "RESOURCE_EXHAUSTED",
-    "request_timeout": "DEADLINE_EXCEEDED",
-    "upstream_unreachable": "UNAVAILABLE",
-    "not_configured": "UNAVAILABLE",
-    "upstream_timeout": "DEADLINE_EXCEEDED",
-    "shutting_down": "UNAVAILABLE",
-    "internal": "INTERNAL",
-}
-
-
-def anthropic_error_body(kind: str, message: str) -> bytes:
-    error = {"type": ANTHROPIC_TYPES.get(kind, "api_error"), "message": message}
-    return json.dumps({"type": "error", "error": error}).encode()
-
-
-def google_error_body(status: int, kind: str, message: str) -> bytes:
-    error = {"code": status, "message": message, "status": GOOGLE_STATUSES.get(kind, "INTERNAL")}
-    return json.dumps({"error": error}).encode()
 
 
 class GatewayError(Exception):

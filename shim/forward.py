@@ -107,9 +107,7 @@ class Forwarder:
         body = read_body_in_time(environ, self.max_body_bytes, self.body_timeout_s)
         method = environ["REQUEST_METHOD"]
         record.bytes_in = len(body)
-        session = environ.get("HTTP_X_CLAUDE_CODE_SESSION_ID")
-        if session:
-            record.claude_session_id = session[:128]
+        provider.read_request(environ, record)
 
         prepared = requests.PreparedRequest()
         prepared.method = method

@@ -12,13 +12,14 @@ shown to it: it refreshes once and the core retries the call.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from typing import TYPE_CHECKING
 
 from shim import quota, refusals
 from shim.access import AccessRecord
 from shim.candidates import SECRET_ENVIRON, bearer
-from shim.errors import GatewayError, ProviderNotConfigured, anthropic_error_body
+from shim.errors import GatewayError, ProviderNotConfigured
 from shim.providers.base import Provider, Route
 
 if TYPE_CHECKING:
@@ -27,6 +28,27 @@ if TYPE_CHECKING:
     from shim.state import RedisState
 
 OAUTH_BETA = "oauth-2025-04-20"
+# How each gateway error kind reads on Anthropic's wire (shim.errors).
+ANTHROPIC_TYPES = {
+    "invalid_request": "invalid_request_error",
+    "authentication": "authentication_error",
+    "not_found": "not_found_error",
+    "method_not_allowed": "invalid_request_error",
+    "too_large": "request_too_large",
+    "rate_limited": "rate_limit_error",
+    "request_timeout": "timeout_error",
+    "upstream_unreachable": "api_error",
+    "not_configured": "api_error",
+    "upstream_timeout": "timeout_error",
+    "shutting_down": "overloaded_error",
+    "internal": "api_error",
+}
+
+
+def anthropic_error_body(kind: str, message: str) -> bytes:
+    error = {"type": ANTHROPIC_TYPES.get(kind, "api_error"), "message": message}
+    return json.dumps({"type": "error", "error": error}).encode()
+
 _REFUSAL_STATUSES = frozenset({400, 401, 403, 429})
 _USAGE_FIELDS = (
     ("input_tokens", "input_tokens"),
@@ -204,6 +226,12 @@ class Anthropic(Provider):
         if status == 401 and self._refresher is not None:
             return self._refresher.after_unauthorized(credential)
         return False
+
+    def read_request(self, environ: dict, record: AccessRecord) -> None:
+        # Claude Code names its session on every call: attribution for the access line.
+        session = environ.get("HTTP_X_CLAUDE_CODE_SESSION_ID")
+        if session:
+            record.claude_session_id = session[:128]
 
     def read_headers(self, headers: object, record: AccessRecord) -> None:
         quota.read(headers, record)

@@ -117,6 +117,9 @@ class Provider:
         """
         return False
 
+    def read_request(self, environ: dict, record: AccessRecord) -> None:
+        """Note what the client's request says about itself (attribution) in ``record``."""
+
     def read_headers(self, headers: object, record: AccessRecord) -> None:
         """Copy what the upstream's response headers say (quota state) into ``record``."""
 

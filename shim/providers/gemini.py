@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from shim.access import AccessRecord
 from shim.candidates import param_values
 from shim.decode import DecodeFailed, DecodeLimit, Decoder, coding_of
-from shim.errors import ProviderNotConfigured, RateLimited, google_error_body
+from shim.errors import ProviderNotConfigured, RateLimited
 from shim.gemini_keys import KeyPool
 from shim.providers.base import Provider, Route
 
@@ -27,6 +27,28 @@ if TYPE_CHECKING:
     from shim.state import RedisState
 
 log = logging.getLogger("shim.gemini")
+
+# How each gateway error kind reads on Google's wire (shim.errors).
+GOOGLE_STATUSES = {
+    "invalid_request": "INVALID_ARGUMENT",
+    "authentication": "UNAUTHENTICATED",
+    "not_found": "NOT_FOUND",
+    "method_not_allowed": "INVALID_ARGUMENT",
+    "too_large": "INVALID_ARGUMENT",
+    "rate_limited": "RESOURCE_EXHAUSTED",
+    "request_timeout": "DEADLINE_EXCEEDED",
+    "upstream_unreachable": "UNAVAILABLE",
+    "not_configured": "UNAVAILABLE",
+    "upstream_timeout": "DEADLINE_EXCEEDED",
+    "shutting_down": "UNAVAILABLE",
+    "internal": "INTERNAL",
+}
+
+
+def google_error_body(status: int, kind: str, message: str) -> bytes:
+    error = {"code": status, "message": message, "status": GOOGLE_STATUSES.get(kind, "INTERNAL")}
+    return json.dumps({"error": error}).encode()
+
 
 ACTIONS = "generateContent,streamGenerateContent,countTokens,embedContent,batchEmbedContents"
 _VERSION = "<any(v1beta,v1):version>"
