@@ -3,12 +3,12 @@
 The shape of httpx's ``map_httpcore_exceptions`` (and of requests'
 ``adapters.py`` ``send``): what requests, urllib3 and the socket raise, and
 gevent's ``GreenletExit`` when the worker stops past its grace period
-(``hangup.STOPPING``), becomes one ``GatewayError``; the access record gets
+(``greenlets.STOPPING``), becomes one ``GatewayError``; the access record gets
 that error's ``code`` and the log one warning line. Which error, by what
 failed and in which step of the call::
 
     what was raised                    SEND                 WHOLE_BODY           STREAM
-    hangup.STOPPING                    ShuttingDown         ShuttingDown         ShuttingDown
+    greenlets.STOPPING                 ShuttingDown         ShuttingDown         ShuttingDown
     a timeout (requests/urllib3/OS)    UpstreamTimeout      UpstreamTimeout      UpstreamTimeout
     any other requests/urllib3/OS      UpstreamUnreachable  UpstreamBodyFailed   StreamFailed
 
@@ -30,7 +30,7 @@ from types import TracebackType
 import requests
 import urllib3.exceptions
 
-from shim import hangup
+from shim import greenlets
 from shim.access import AccessRecord
 from shim.errors import (
     GatewayError,
@@ -50,7 +50,7 @@ UPSTREAM_FAILURES: tuple[type[BaseException], ...] = (
     requests.exceptions.RequestException,
     urllib3.exceptions.HTTPError,
     OSError,
-    *hangup.STOPPING,
+    *greenlets.STOPPING,
 )
 # Checked before the rest: requests' ConnectTimeout is both a Timeout and a ConnectionError.
 _TIMEOUTS = (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
@@ -80,7 +80,7 @@ def failed(
     credential: str | None = None,
 ) -> GatewayError:
     """Return the gateway's error for ``exc`` raised in ``step``; note it on ``record``, log it."""
-    if isinstance(exc, hangup.STOPPING):
+    if isinstance(exc, greenlets.STOPPING):
         error: GatewayError = ShuttingDown()
     elif isinstance(exc, _TIMEOUTS):
         error = UpstreamTimeout()

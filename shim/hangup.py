@@ -14,7 +14,6 @@ watcher only runs while a response streams.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 from collections.abc import Callable
@@ -26,11 +25,8 @@ try:
     import gevent.monkey
     from gevent.socket import wait_read
 
-    # Raised into a request's greenlet when the worker stops past its grace period.
-    STOPPING: tuple[type[BaseException], ...] = (gevent.GreenletExit,)
 except ImportError:  # pragma: no cover - gevent is a runtime dependency
     gevent = None
-    STOPPING = ()
 
 
 def watch(client: socket.socket, on_hangup: Callable[[], None]) -> object | None:
@@ -55,16 +51,6 @@ def _wait_for_hangup(client: socket.socket, on_hangup: Callable[[], None]) -> No
     except (OSError, ValueError):
         pass  # reset or already closed: the client is gone all the same
     on_hangup()
-
-
-def deadline(seconds: float):  # noqa: ANN201 - a context manager
-    """Bound a blocking step (reading a request body) under gevent; elsewhere a no-op.
-
-    Raises ``TimeoutError`` when the step outlives ``seconds``.
-    """
-    if gevent is None or not gevent.monkey.is_module_patched("socket"):
-        return contextlib.nullcontext()
-    return gevent.Timeout(seconds, TimeoutError)
 
 
 def shutdown_upstream(raw: object) -> None:

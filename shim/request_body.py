@@ -12,7 +12,7 @@ import contextlib
 import logging
 import socket
 
-from shim import hangup
+from shim import greenlets
 from shim.errors import BadRequest, PayloadTooLarge, RequestTimeout
 
 # The forwarding core's logger: these lines kept their logger name when they moved here.
@@ -25,7 +25,7 @@ CHUNK_BYTES = 65_536
 def read_body_in_time(environ: dict, limit: int, seconds: float) -> bytes:
     """``read_body``, but a client that trickles its body gets 408 after ``seconds``."""
     try:
-        with hangup.deadline(seconds):
+        with greenlets.deadline(seconds):
             return read_body(environ, limit)
     except TimeoutError:
         log.info("request body too slow", extra={"event": "request_body_timeout"})

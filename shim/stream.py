@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import urllib3
 
-from shim import hangup, usage
+from shim import greenlets, hangup, usage
 from shim.access import AccessRecord
 from shim.errors import CLIENT_GONE
 from shim.failures import STREAM, UPSTREAM_FAILURES, failed
@@ -152,7 +152,7 @@ class UpstreamBody:
         return chunk
 
     def _fail(self, exc: BaseException) -> bytes:
-        if self._client_gone and not isinstance(exc, hangup.STOPPING):
+        if self._client_gone and not isinstance(exc, greenlets.STOPPING):
             # Our own watcher cut upstream: the client is not there to tell.
             self._release(clean=False)
             raise StopIteration from None
