@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 
 from shim import openfiles
 from shim.settings import Settings
@@ -45,9 +46,25 @@ def test_dockerfile_builds_dependencies_in_a_stage_of_their_own_on_a_multi_arch_
     assert "COPY --from=build /venv /venv" in stage
 
 
-def test_dockerignore_keeps_secrets_and_the_venv_out_of_the_image():
-    ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".env", ".venv", ".git"} <= set(ignored)
+def test_dockerfile_labels_the_image_with_the_projects_version_and_source():
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    stage = final_stage(DOCKERFILE)
+    assert re.search(rf"^ARG SHIM_VERSION={re.escape(version)}$", stage, re.M)
+    assert 'org.opencontainers.image.version="$SHIM_VERSION"' in stage
+    assert 'org.opencontainers.image.source="$SHIM_SOURCE"' in stage
+
+
+def test_dockerignore_lets_in_only_what_the_image_copies():
+    # An allow-list: everything out ("*"), then the files the Dockerfile copies back in.
+    # Whatever else lies in a checkout (.venv, .env, .git, tests and their node_modules,
+    # bench results, credential files) never reaches the daemon.
+    patterns = directives((ROOT / ".dockerignore").read_text())
+    assert patterns[0] == "*"
+    let_in = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    assert let_in == {"requirements.txt", "wsgi.py", "gunicorn.conf.py", "shim", "gemini_keys.txt"}
+    copied = set(re.findall(r"^COPY (?!--from)(.+) \S+$", DOCKERFILE, re.M))
+    copied = {name.rstrip("/") for line in copied for name in line.split()}
+    assert copied <= let_in
 
 
 def test_nginx_streams_unbuffered_over_http11_with_keepalive():
