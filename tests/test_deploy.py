@@ -1,14 +1,26 @@
-"""The shipped deployment files say what the README promises (no Docker engine runs here)."""
+"""The shipped deployment files say what the README promises.
+
+Static checks, plus compose's own parser reading deploy/compose.yaml (the
+image is run for real in test_live_container.py).
+"""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
 
 from shim import openfiles
 from shim.settings import Settings
 from tests.conftest import ROOT, settings_env
 from tests.test_gunicorn_conf import load_conf
+from tests.test_live_nginx import DEPLOY as NGINX_TESTS_DEPLOY
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 TEMPLATE = (ROOT / "deploy" / "nginx" / "templates" / "shim.conf.template").read_text()
@@ -101,12 +113,101 @@ def test_shim_keeps_idle_connections_longer_than_nginx_does():
     assert load_conf()["keepalive"] > nginx_idle
 
 
-def test_compose_runs_shim_and_nginx_with_env_restart_and_a_long_enough_stop():
-    assert "env_file: ../.env" in COMPOSE
-    assert COMPOSE.count("restart: unless-stopped") == 2
-    grace = int(re.search(r"stop_grace_period: (\d+)s", COMPOSE).group(1))
-    assert grace > 120  # SHIM_GRACEFUL_TIMEOUT_S default
-    assert 'SHIM_TRUSTED_PROXIES: "*"' in COMPOSE
+# -- deploy/compose.yaml, as compose itself reads it -------------------------------------------
+
+DEFAULTS = Settings.from_env(settings_env())
+
+
+@pytest.fixture(scope="module")
+def compose(tmp_path_factory) -> dict:
+    """``docker-compose config`` of the shipped file, beside an .env made from .env.example."""
+    tool = shutil.which("docker-compose")
+    if not tool:
+        reason = "docker-compose missing (./scripts/test installs Debian's)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    # A copy: the checkout's own .env (a user's secrets, or none in CI) stays out of it.
+    tree = tmp_path_factory.mktemp("compose")
+    shutil.copytree(ROOT / "deploy", tree / "deploy")
+    shutil.copy(ROOT / ".env.example", tree / ".env")
+    parsed = subprocess.run(
+        [tool, "-f", "deploy/compose.yaml", "config"],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert parsed.returncode == 0, parsed.stderr
+    config = yaml.safe_load(parsed.stdout)
+    config["root"] = tree
+    return config
+
+
+def seconds(duration: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_compose_runs_shim_and_nginx_with_env_and_restart(compose):
+    shim, nginx = compose["services"]["shim"], compose["services"]["nginx"]
+    assert "env_file: ../.env" in COMPOSE  # the .env made from .env.example was read:
+    assert shim["environment"]["SHIM_GRACEFUL_TIMEOUT_S"] == "120"
+    assert shim["build"]["context"] == str(compose["root"])  # the repository's Dockerfile
+    assert shim["restart"] == nginx["restart"] == "unless-stopped"
+    assert shim["environment"]["SHIM_TRUSTED_PROXIES"] == "*"
+    assert "ports" not in shim  # only nginx is published
+
+
+def test_compose_stop_grace_outlasts_shims_own_graceful_timeout(compose):
+    shim = compose["services"]["shim"]
+    graceful = max(
+        DEFAULTS.graceful_timeout_s, float(shim["environment"]["SHIM_GRACEFUL_TIMEOUT_S"])
+    )
+    grace = seconds(shim["stop_grace_period"])
+    # Longer, so streams end by shim's own drain; not so long that a stop hangs about.
+    assert graceful < grace <= graceful + 30
+
+
+def test_compose_health_is_the_images_check_on_the_port_nginx_uses(compose):
+    shim, nginx = compose["services"]["shim"], compose["services"]["nginx"]
+    # No override: the image's HEALTHCHECK (proved healthy in test_live_container.py) runs
+    # GET /health on SHIM_ANTHROPIC_PORT, which is where nginx sends Anthropic traffic.
+    assert "healthcheck" not in shim
+    assert "SHIM_ANTHROPIC_PORT" in DOCKERFILE[DOCKERFILE.index("HEALTHCHECK") :]
+    for port in ("SHIM_ANTHROPIC_PORT", "SHIM_GEMINI_PORT"):
+        assert shim["environment"][port] == nginx["environment"][port]
+    assert sorted(shim["expose"]) == sorted(
+        nginx["environment"][p] for p in ("SHIM_ANTHROPIC_PORT", "SHIM_GEMINI_PORT")
+    )
+    assert nginx["depends_on"]["shim"]["condition"] == "service_healthy"
+
+
+def test_compose_runs_shim_read_only_with_a_tmpfs_as_the_container_test_does(compose):
+    shim = compose["services"]["shim"]
+    assert shim["read_only"] is True and shim["tmpfs"] == ["/tmp"]
+
+
+def test_compose_mounts_the_nginx_template_the_nginx_tests_run(compose):
+    mounts = {}
+    for volume in compose["services"]["nginx"]["volumes"]:
+        source, target, mode = (
+            volume.split(":")
+            if isinstance(volume, str)
+            else (volume["source"], volume["target"], "ro" if volume.get("read_only") else "rw")
+        )
+        mounts[target] = (Path(source).relative_to(compose["root"]), mode)
+    shipped = NGINX_TESTS_DEPLOY.relative_to(ROOT)
+    assert mounts == {
+        "/etc/nginx/templates": (shipped / "templates", "ro"),
+        "/etc/nginx/snippets": (shipped / "snippets", "ro"),
+    }
+    # nginx's image renders every *.template there: the one the nginx tests render, alone.
+    assert sorted(p.name for p in (NGINX_TESTS_DEPLOY / "templates").iterdir()) == [
+        "shim.conf.template"
+    ]
 
 
 # Descriptors for the default SHIM_WORKER_CONNECTIONS, and for ten times that.
