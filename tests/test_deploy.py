@@ -1,7 +1,9 @@
 """The shipped deployment files say what the README promises.
 
-Static checks, plus compose's own parser reading deploy/compose.yaml (the
-image is run for real in test_live_container.py).
+Static checks, plus two that run tools: compose's own parser reads
+deploy/compose.yaml, and pip proves every runtime pin installs from wheels
+alone on linux aarch64 and x86_64 (the image is run for real in
+test_live_container.py).
 """
 
 from __future__ import annotations
@@ -10,11 +12,15 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.tags import compatible_tags, cpython_tags
+from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from shim import openfiles
 from shim.settings import Settings
@@ -227,3 +233,89 @@ def test_compose_lets_each_worker_hold_its_streams():
         r"\n    ulimits:\n      nofile:\n        soft: (\d+)\n        hard: (\d+)", shim
     )
     assert nofile and int(nofile.group(1)) == int(nofile.group(2)) >= ENOUGH_FILES
+
+
+# -- wheels: the pins install on the target boxes without a compiler -------------------------
+
+# glibc 2.28 or newer (Debian 10+, Ubuntu 20.04+, Raspberry Pi OS 10+, the python:3.11-slim
+# base): gevent 26.9.0 ships its aarch64 wheel as manylinux_2_28 only.
+GLIBC_MINOR = 28
+WHEEL_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shim-wheels"
+
+
+def pinned(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            requirement = Requirement(line)
+            (spec,) = requirement.specifier  # one exact pin each
+            assert spec.operator == "==", line
+            pins[canonicalize_name(requirement.name)] = spec.version
+    return pins
+
+
+def platforms(arch: str) -> list[str]:
+    return [f"manylinux_2_{minor}_{arch}" for minor in range(17, GLIBC_MINOR + 1)] + [
+        f"manylinux2014_{arch}"
+    ]
+
+
+def pip_download(arch: str, target: Path, online: bool) -> subprocess.CompletedProcess:
+    sources = (
+        ["--index-url", "https://pypi.org/simple"]
+        if online
+        else ["--no-index", "--find-links", str(target)]  # a warm cache needs no network
+    )
+    # PyPI alone: none of this machine's pip configuration (local mirrors, find-links,
+    # constraints) may stand in for it; its CA bundle (PIP_CERT) is kept.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") or k == "PIP_CERT"}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",  # wheels alone: no sdist, so no compiler
+            *(arg for platform in platforms(arch) for arg in ("--platform", platform)),
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+            *sources,
+            "--dest",
+            str(target),
+            "--requirement",
+            str(ROOT / "requirements.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize("arch", ["aarch64", "x86_64"])
+def test_every_runtime_pin_installs_from_wheels_on_linux(arch):
+    # With their dependencies (greenlet, zope.interface, markupsafe...): those are compiled too.
+    target = WHEEL_CACHE / f"cp311-{arch}"
+    target.mkdir(parents=True, exist_ok=True)
+    fetched = pip_download(arch, target, online=False)
+    if fetched.returncode != 0:  # a cold cache, or a pin that changed: ask PyPI
+        fetched = pip_download(arch, target, online=True)
+    assert fetched.returncode == 0, fetched.stdout[-2000:] + fetched.stderr[-2000:]
+    used = re.findall(r"^\s*(?:Saved|File was already downloaded) (\S+)$", fetched.stdout, re.M)
+    supported = {
+        *cpython_tags((3, 11), abis=["cp311"], platforms=platforms(arch)),
+        *compatible_tags((3, 11), interpreter="cp311", platforms=platforms(arch)),
+    }
+    wheels = {}
+    for path in used:
+        name, version, _, tags = parse_wheel_filename(Path(path).name)
+        assert tags & supported, path  # a wheel for this platform (or any), for CPython 3.11
+        wheels[name] = str(version)
+    pins = pinned(ROOT / "requirements.txt")
+    assert {name: wheels.get(name) for name in pins} == pins
+    assert {"greenlet", "zope-interface", "markupsafe"} <= set(wheels)
