@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from shim.errors import RateLimited
 from shim.limit_types import LEASE_S, Lease, Limits, LimitStore
-from shim.store import WARN_EVERY_S, StateUnavailable
+from shim.store import WARN_EVERY_S, StateUnavailable, StoreTrouble
 
 if TYPE_CHECKING:
     from shim.access import AccessRecord
@@ -124,10 +124,13 @@ class Limiter:
         self.state = state
         self._on_reject = on_reject
         self._on_state_error = on_state_error
+        self._state_failed = StoreTrouble(
+            "state store unavailable; limits are not enforced (failing open)", on_state_error, log
+        )
         self._clock = clock
         self._leases = 0
         self._lease_prefix = f"{os.getpid()}.{os.urandom(4).hex()}."
-        self._warned = self._warned_drop = float("-inf")
+        self._warned_drop = float("-inf")
         # Settles the store failed, oldest first; guarded by _lock with _retrier,
         # the one thread (a greenlet under gevent) that resends them.
         self._pending: deque[Settle] = deque()
@@ -274,15 +277,4 @@ class Limiter:
             log.warning(
                 "too many settles waiting for the state store; dropped the oldest",
                 extra={"event": "settle_dropped", "pending": len(self._pending)},
-            )
-
-    def _state_failed(self, operation: str, exc: StateUnavailable) -> None:
-        if self._on_state_error is not None:
-            self._on_state_error(operation)
-        now = time.monotonic()
-        if now - self._warned >= WARN_EVERY_S:
-            self._warned = now
-            log.warning(
-                "state store unavailable; limits are not enforced (failing open)",
-                extra={"event": "state_unavailable", "operation": operation, "error": str(exc)},
             )

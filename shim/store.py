@@ -22,6 +22,7 @@ opened, so ``memory://`` deployments never load it.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,37 @@ WARN_EVERY_S = 10.0
 
 class StateUnavailable(Exception):
     """The state store could not answer (Redis down, timed out)."""
+
+
+class StoreTrouble:
+    """A feature going on without the shared store says so: counted each time, logged rarely.
+
+    ``on_state_error(operation)`` feeds ``shim_state_errors_total``; the
+    warning (``message``, event ``state_unavailable``) is written at most
+    every ``WARN_EVERY_S`` per worker, so a dead Redis cannot flood the log.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        on_state_error: Callable[[str], None] | None,
+        logger: logging.Logger,
+    ):
+        self._message = message
+        self._on_state_error = on_state_error
+        self._log = logger  # the feature's own logger: the line says whose trouble it is
+        self._warned = float("-inf")
+
+    def __call__(self, operation: str, exc: StateUnavailable) -> None:
+        if self._on_state_error is not None:
+            self._on_state_error(operation)
+        now = time.monotonic()
+        if now - self._warned >= WARN_EVERY_S:
+            self._warned = now
+            self._log.warning(
+                self._message,
+                extra={"event": "state_unavailable", "operation": operation, "error": str(exc)},
+            )
 
 
 class RedisConnection:

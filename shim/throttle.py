@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable
 
 from shim.shared_table import FailureTable
-from shim.store import WARN_EVERY_S, RedisConnection, StateUnavailable
+from shim.store import RedisConnection, StateUnavailable, StoreTrouble
 
 log = logging.getLogger("shim.throttle")
 
@@ -91,8 +91,11 @@ class AuthThrottle:
         # Outside gunicorn (tests, a plain WSGI server) a table of this process's own.
         self.table = table if table is not None else FailureTable()
         self._shared = shared
-        self._on_state_error = on_state_error
-        self._warned = float("-inf")
+        self._state_failed = StoreTrouble(
+            "state store unavailable; failed secrets counted per instance only",
+            on_state_error,
+            log,
+        )
         self._taken: tuple[int, int] | None = None  # the check blocked_for last took
         # Clients come back from the same few addresses: group and hash each once.
         self._where = functools.lru_cache(maxsize=8192)(self._locate)
@@ -158,17 +161,6 @@ class AuthThrottle:
         if left > 0:
             self.table.block(where, now + left, now, self.window_s)
         return started > 0 or began
-
-    def _state_failed(self, operation: str, exc: StateUnavailable) -> None:
-        if self._on_state_error is not None:
-            self._on_state_error(operation)
-        now = time.monotonic()
-        if now - self._warned >= WARN_EVERY_S:
-            self._warned = now
-            log.warning(
-                "state store unavailable; failed secrets counted per instance only",
-                extra={"event": "state_unavailable", "operation": operation, "error": str(exc)},
-            )
 
 
 # KEYS: failures in the window, the cool-off marker. ARGV: count, max failures,
