@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from shim.clients import ClientsFileError, parse_clients
 from shim.credentials import CLIENT_ID, DEFAULT_TOKEN_URL, read_credentials
 from shim.keys import header_safe, load_keys, read_text
+from shim.prices import load as load_prices
 
 MIN_SECRET_CHARS = 16
 
@@ -55,6 +56,22 @@ def credentials_file(raw: str) -> str:
 def key_list(raw: str) -> tuple[str, ...]:
     """Comma-separated keys, stripped and deduplicated; KeyFileError never echoes a key."""
     return load_keys(text=raw.replace(",", "\n"))
+
+
+def prices_file(raw: str) -> str:
+    """A price file (shim/prices.json's shape): it must read and validate now, not mid-report."""
+    load_prices(raw)  # a PriceFileError is a ValueError naming the family and the key
+    return raw
+
+
+def usd(raw: str) -> float:
+    try:
+        value = float(raw.strip().lstrip("$"))
+    except ValueError:
+        raise ValueError(f"expected an amount in USD such as 200, got {raw!r}") from None
+    if not 0 <= value <= 1_000_000:
+        raise ValueError(f"expected an amount in USD 0-1000000, got {raw!r}")
+    return value
 
 
 def path(raw: str) -> str:

@@ -78,6 +78,7 @@ _anthropic = partial(_setting, "Anthropic")
 _gemini = partial(_setting, "Gemini")
 _observability = partial(_setting, "observability")
 _state = partial(_setting, "state")
+_report = partial(_setting, "cost report")
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,14 @@ class Settings:
         "SHIM_STATE_URL", p.state_url, "memory://", "memory:// or redis://…", secret=True
     )
 
+    # --- cost report (read by python -m shim.report through report_settings; issue #17)
+    prices_file: str | None = _report(
+        "SHIM_PRICES_FILE", p.prices_file, None, "JSON prices replacing or adding to shipped ones"
+    )
+    subscription_usd_month: float | None = _report(
+        "SHIM_SUBSCRIPTION_USD_MONTH", p.usd, None, "plan price the report compares against"
+    )
+
     # --- not from the table: set by from_env's rules below
     gemini_keys_source: str = "none"  # "SHIM_GEMINI_KEYS", the key file's path, or "none"
     metrics_dir: str | None = None  # prometheus-client's PROMETHEUS_MULTIPROC_DIR
@@ -231,6 +240,18 @@ class Settings:
         if env.problems:
             raise ConfigError(env.problems)
         return cls(**values)
+
+
+def report_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The cost report's rows only: a report needs no secret, credential or port.
+
+    Returns {field: value} for the "cost report" section or raises ConfigError.
+    """
+    env = _Env(os.environ if environ is None else environ)
+    values = {row.field: env.read(row) for row in table() if row.section == "cost report"}
+    if env.problems:
+        raise ConfigError(env.problems)
+    return values
 
 
 def table() -> tuple[Setting, ...]:
