@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from shim.status import quantile
 from tests.conftest import ALL_SECRETS, ROOT, start_gateway
 from tests.fake_upstream import FAKE_API_KEY, FAKE_GEMINI_KEYS
 
@@ -209,3 +210,14 @@ def test_a_real_browser_renders_the_page_for_a_phone(gw, page, tmp_path):
     docs = Path(ROOT) / "docs"
     docs.mkdir(exist_ok=True)
     shutil.copyfile(shot, docs / "status-page.png")
+
+
+@pytest.mark.parametrize(("buckets", "q", "expected"), [
+    ({0.1: 0, 0.5: 10, float("inf"): 10}, 0.5, 0.3),  # halfway into the (0.1, 0.5] bucket
+    ({0.1: 5, 0.5: 10, float("inf"): 10}, 0.5, 0.1),  # exactly the first bucket's bound
+    ({0.1: 0, 0.5: 0, float("inf"): 4}, 0.95, 0.5),  # past the last bound: that bound
+    ({0.1: 0, float("inf"): 0}, 0.5, None),  # nothing observed
+])
+def test_percentiles_are_interpolated_within_the_bucket(buckets, q, expected):
+    found = quantile(buckets, q)
+    assert found is None if expected is None else found == pytest.approx(expected)
