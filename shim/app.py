@@ -17,7 +17,7 @@ from flask import Blueprint, Flask, Request, Response, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter, MapAdapter
 
-from shim import logs, metrics
+from shim import logs, metrics, status
 from shim.access import AccessLog
 from shim.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from shim.providers.base import Provider
@@ -40,7 +40,17 @@ def _metrics_blueprint(multiprocess_dir: str | None) -> Blueprint:
         body, content_type = metrics.exposition(multiprocess_dir)
         return Response(body, content_type=content_type)
 
+    # The status page (issue #17): the same families, rendered for a person.
+    rates = status.Rates()
+
+    def page() -> Response:
+        html = status.render(metrics.families(multiprocess_dir), rates)
+        return Response(html, content_type="text/html; charset=utf-8",
+                        headers={"Cache-Control": "no-store"})
+
     blueprint.add_url_rule("/metrics", "scrape", scrape, methods=["GET"], host=METRICS)
+    blueprint.add_url_rule("/", "status_root", page, methods=["GET"], host=METRICS)
+    blueprint.add_url_rule("/status", "status", page, methods=["GET"], host=METRICS)
     return blueprint
 
 

@@ -23,6 +23,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
 
 from shim import quota
 from shim.access import AccessRecord
@@ -158,6 +159,32 @@ SUBSCRIPTION_REFUSALS = Counter(
     ["kind"],
 )
 
+# Per client and model, for the status page (issue #17): bounded by the clients
+# file and MAX_MODELS. outcome is "error" when the call failed (status >= 400 or
+# an access-line error), else "ok".
+CLIENT_MODEL_REQUESTS = Counter(
+    "shim_client_model_requests_total",
+    "Calls that named a model, by client and model",
+    ["client", "model", "outcome"],
+)
+CLIENT_MODEL_TOKENS = Counter(
+    "shim_client_model_tokens_total",
+    "Tokens reported by upstream, by client and model",
+    ["client", "model", "kind"],
+)
+MODEL_TTFB = Histogram(
+    "shim_model_ttfb_seconds",
+    "Streams: time from request to the first byte of the answer, by model",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+MODEL_DURATION = Histogram(
+    "shim_model_duration_seconds",
+    "Calls that named a model: time from request to the end of the answer, by model",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+
 _models: set[str] = set()
 # Label children by label values: .labels() validates and locks on every call,
 # and observe runs for every request.
@@ -250,6 +277,15 @@ def observe(record: AccessRecord, fields: dict) -> None:
         if record.ttfb is not None:
             _child(TTFB, provider, route).observe(record.ttfb)
         _child(STREAM_MAX_GAP, provider).observe(record.max_gap)
+    error = record.error
+    client = record.client or "none"
+    if record.model:
+        model = _model_label(record.model)
+        outcome = "error" if error or status >= 400 else "ok"
+        _child(CLIENT_MODEL_REQUESTS, client, model, outcome).inc()
+        _child(MODEL_DURATION, model).observe(fields["duration_ms"] / 1000)
+        if record.stream and record.ttfb is not None:
+            _child(MODEL_TTFB, model).observe(record.ttfb)
     if record.input_tokens or record.output_tokens:
         model = _model_label(record.model)
         for kind, count in (
@@ -260,7 +296,7 @@ def observe(record: AccessRecord, fields: dict) -> None:
         ):
             if count:
                 _child(TOKENS, provider, model, kind).inc(count)
-    error = record.error
+                _child(CLIENT_MODEL_TOKENS, client, model, kind).inc(count)
     if error:
         metric = UPSTREAM_ERRORS if error in UPSTREAM_CODES else REQUEST_ERRORS
         _child(metric, provider, error).inc()
@@ -296,10 +332,20 @@ def gemini_key_states(states: dict[str, int]) -> None:
         _child(GEMINI_KEYS, state).set(count)
 
 
-def exposition(multiprocess_dir: str | None) -> tuple[bytes, str]:
-    """The scrape body for all workers (multiprocess: Settings.metrics_dir) or this process."""
+def _registry(multiprocess_dir: str | None) -> CollectorRegistry:
+    """All workers' metrics (multiprocess: Settings.metrics_dir), else this process's."""
     if multiprocess_dir:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        return registry
+    return REGISTRY
+
+
+def exposition(multiprocess_dir: str | None) -> tuple[bytes, str]:
+    """The scrape body for all workers (multiprocess: Settings.metrics_dir) or this process."""
+    return generate_latest(_registry(multiprocess_dir)), CONTENT_TYPE_LATEST
+
+
+def families(multiprocess_dir: str | None) -> list[Metric]:
+    """The metric families a scrape would serve, parsed (shim.status reads these)."""
+    return list(_registry(multiprocess_dir).collect())
