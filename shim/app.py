@@ -20,6 +20,8 @@ from werkzeug.routing import BaseConverter, MapAdapter
 from shim import logs, metrics, status
 from shim.access import AccessLog
 from shim.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
+from shim.prices import PriceTable
+from shim.prices import table as price_table
 from shim.providers.base import Provider
 from shim.services import build_services
 from shim.settings import Settings
@@ -33,7 +35,9 @@ NO_PROVIDER = "none"
 METRICS = "metrics"
 
 
-def _metrics_blueprint(multiprocess_dir: str | None) -> Blueprint:
+def _metrics_blueprint(
+    multiprocess_dir: str | None, prices: PriceTable | None = None, plan_usd: float | None = None
+) -> Blueprint:
     blueprint = Blueprint(METRICS, __name__)
 
     def scrape() -> Response:
@@ -44,7 +48,9 @@ def _metrics_blueprint(multiprocess_dir: str | None) -> Blueprint:
     rates = status.Rates()
 
     def page() -> Response:
-        html = status.render(metrics.families(multiprocess_dir), rates)
+        html = status.render(
+            metrics.families(multiprocess_dir), rates, prices=prices, plan_usd=plan_usd
+        )
         return Response(html, content_type="text/html; charset=utf-8",
                         headers={"Cache-Control": "no-store"})
 
@@ -115,7 +121,13 @@ def build_app(settings: Settings | None = None) -> ShimFlask:
             host=provider.name,
         )
         app.register_blueprint(blueprint)
-    app.register_blueprint(_metrics_blueprint(settings.metrics_dir))
+    app.register_blueprint(
+        _metrics_blueprint(
+            settings.metrics_dir,
+            price_table(settings.prices_file),
+            settings.subscription_usd_month,
+        )
+    )
     names = {port: provider.name for port, provider in app.providers_by_port.items()}
     app.wsgi_app = AccessLog(  # type: ignore[method-assign]
         app.wsgi_app, names.get, services.end_of_request, settings.trusted_proxies

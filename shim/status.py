@@ -16,7 +16,7 @@ linearly within the bucket, as Prometheus's ``histogram_quantile`` does.
 
 Never on the page: keys, secrets, tokens, session ids. Only label values
 (client names from the clients file, model names, fixed vocabularies) and
-numbers. API-equivalent cost waits for ``shim/prices.py``: not shown yet.
+numbers, and the API-equivalent cost of the tokens at list prices (``shim.prices``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ from datetime import UTC, datetime
 from html import escape
 
 from prometheus_client.metrics_core import Metric
+
+from shim.prices import PriceTable
+from shim.report import cost
 
 REFRESH_S = 5
 # Rates are taken over about this span of this worker's earlier samples.
@@ -235,20 +238,40 @@ def _now(s: Samples, rates: Rates, now: float) -> str:
             + f'<p class="muted">Per minute: {span_note}. Calls are those that named a model.</p>')
 
 
-def _clients(s: Samples) -> str:
+# The order shim.report.cost takes token counts in (input, output, cache read, cache write).
+TOKEN_KINDS = ("input", "output", "cache_read", "cache_creation")
+
+
+def _clients(s: Samples, prices: PriceTable | None, plan_usd: float | None) -> str:
     calls = s.by("shim_client_model_requests_total", "client", "model", "outcome")
     tokens = s.by("shim_client_model_tokens_total", "client", "model", "kind")
     pairs = sorted({(c, m) for c, m, _ in calls} | {(c, m) for c, m, _ in tokens})
     rows = []
+    total_usd, unknown = 0.0, False
     for client, model in pairs:
         ok, failed = calls.get((client, model, "ok"), 0), calls.get((client, model, "error"), 0)
+        counts = [int(tokens.get((client, model, kind), 0)) for kind in TOKEN_KINDS]
+        usd, unpriced = cost({(model, False): counts}, prices) if prices else (0.0, sum(counts))
+        total_usd += usd
+        unknown = unknown or bool(unpriced)
         rows.append([f'<span class="l">{escape(client)}</span>', escape(model),
-                     _num(ok + failed), _num(failed),
-                     *(_num(tokens.get((client, model, kind), 0))
-                       for kind in ("input", "output", "cache_read", "cache_creation"))])
-    # API-equivalent cost: a column here once shim/prices.py exists (issue #17).
-    return _table(["client", "model", "calls", "errors", "input", "output", "cache read",
-                   "cache write"], rows, css="two")
+                     _num(ok + failed), _num(failed), *(_num(n) for n in counts),
+                     _usd(usd, unpriced)])
+    plan = f" · plan ${plan_usd:,.2f} a month" if plan_usd else ""
+    summary = (f'<p class="kv">API-equivalent cost since start: <b>${total_usd:,.2f}'
+               f'{"+?" if unknown else ""}</b>{plan}</p>')
+    return summary + _table(
+        ["client", "model", "calls", "errors", "input", "output", "cache read", "cache write",
+         "API-equivalent"], rows, css="two"
+    ) + ('<p class="muted">Cost at the list prices in shim/prices.json (or SHIM_PRICES_FILE); '
+         "? where no price covers the tokens: never a guess. Long-context prices are not "
+         "applied here (the page sees totals, not each prompt's size); the report does.</p>")
+
+
+def _usd(usd: float, unpriced: int) -> str:
+    if unpriced and not usd:
+        return "?"
+    return f"${usd:,.2f}" + ("+?" if unpriced else "")
 
 
 def _histograms(s: Samples, name: str) -> dict[str, dict[float, float]]:
@@ -272,7 +295,13 @@ def _models(s: Samples) -> str:
                            "TTFB is for streams (a whole answer's TTFB is its duration).</p>")
 
 
-def render(families: Iterable[Metric], rates: Rates, now: float | None = None) -> str:
+def render(
+    families: Iterable[Metric],
+    rates: Rates,
+    now: float | None = None,
+    prices: PriceTable | None = None,
+    plan_usd: float | None = None,
+) -> str:
     """The whole page, from the collected metric families."""
     now = time.time() if now is None else now
     s = Samples(families)
@@ -281,7 +310,7 @@ def render(families: Iterable[Metric], rates: Rates, now: float | None = None) -
         ("Subscription quota (Anthropic)", _quota(s, now)),
         ("Gemini key pool", _keys(s)),
         ("Now", _now(s, rates, now)),
-        ("Per client and model, since start", _clients(s)),
+        ("Per client and model, since start", _clients(s, prices, plan_usd)),
         ("Latency per model, since start", _models(s)),
     ]
     body = "".join(f"<h2>{title}</h2>{html}" for title, html in sections)

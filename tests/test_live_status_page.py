@@ -30,7 +30,11 @@ from tests.fake_upstream import FAKE_API_KEY, FAKE_GEMINI_KEYS
 SECRETS = {name: f"{name}-status-{uuid.uuid4().hex}" for name in ("alice", "bob")}
 CLAUDE, GEMINI = "claude-status-page", "gemini-status-page"
 # client -> (input, output) tokens the fake upstream reports for each of that client's calls
-TOKENS = {"alice": (1000, 20), "bob": (300, 7)}
+TOKENS = {"alice": (200_000, 20_000), "bob": (300, 7)}
+# Prices for the test's Claude model only (SHIM_PRICES_FILE); its Gemini model has none.
+PRICES = {"families": {"claude-status": {"input": 3.0, "output": 15.0, "cache_read": 0.3,
+                                         "cache_write": 3.75, "as_of": "2026-12-01",
+                                         "source": "test"}}}
 CALLS = (  # (port, stream, coding)
     ("anthropic", False, None), ("anthropic", True, "gzip"),
     ("gemini", False, "br"), ("gemini", True, None),
@@ -89,7 +93,11 @@ def gw(fake_upstream, tmp_path_factory):
     clients = tmp / "clients.txt"
     clients.write_text("".join(f"{name} {hashlib.sha256(secret.encode()).hexdigest()}\n"
                                for name, secret in SECRETS.items()))
+    prices = tmp / "prices.json"
+    prices.write_text(json.dumps(PRICES))
     gateway = start_gateway({
+        "SHIM_PRICES_FILE": str(prices),
+        "SHIM_SUBSCRIPTION_USD_MONTH": "200",
         "SHIM_CLIENTS_FILE": str(clients),
         "SHIM_SHARED_SECRET": "",
         "SHIM_ANTHROPIC_API_KEY": FAKE_API_KEY,
@@ -162,6 +170,15 @@ def test_each_client_and_model_shows_its_calls_and_the_upstreams_token_counts(pa
             ok_calls = calls - errors
             assert cells[2:4] == [str(calls), str(errors)], cells
             assert cells[4:6] == [f"{input_tokens * ok_calls:,}", f"{output_tokens * ok_calls:,}"]
+
+
+def test_the_api_equivalent_cost_is_shown_beside_the_plan_and_never_guessed(page):
+    # alice's 3 Claude calls: 600,000 input x $3/M + 60,000 output x $15/M = $1.80 + $0.90.
+    assert row(page, "alice", CLAUDE)[-1] == "$2.70"
+    # No price covers the Gemini model: unknown, not estimated.
+    assert row(page, "alice", GEMINI)[-1] == "?"
+    assert re.search(r"API-equivalent cost since start: <b>\$2\.70\+\?</b> · plan \$200\.00",
+                     page)
 
 
 def test_latency_per_model_and_errors_by_kind_are_shown(page):
