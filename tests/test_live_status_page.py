@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import html
 import http.client
+import io
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from shim import report
 from shim.status import quantile
 from tests.conftest import ALL_SECRETS, ROOT, start_gateway
 from tests.fake_upstream import FAKE_API_KEY, FAKE_GEMINI_KEYS
@@ -106,6 +108,7 @@ def gw(fake_upstream, tmp_path_factory):
         "SHIM_GEMINI_UPSTREAM": fake_upstream.url,
         "SHIM_WORKERS": "2",
     }, tmp / "gunicorn.log")
+    gateway.prices_path = prices
     yield gateway
     gateway.stop()
 
@@ -179,6 +182,23 @@ def test_the_api_equivalent_cost_is_shown_beside_the_plan_and_never_guessed(page
     assert row(page, "alice", GEMINI)[-1] == "?"
     assert re.search(r"API-equivalent cost since start: <b>\$2\.70\+\?</b> · plan \$200\.00",
                      page)
+
+
+def test_the_report_gives_the_same_numbers_as_the_page_for_the_same_calls(gw, page):
+    out = io.StringIO()
+    code = report.main(["--by", "client", "--format", "json", str(gw.log_path)],
+                       environ={"SHIM_PRICES_FILE": str(gw.prices_path)}, out=out)
+    assert code == 0
+    rows = {row["key"]: row for row in json.loads(out.getvalue())["rows"]}
+    for client in SECRETS:
+        cells = [row(page, client, model) for model in (CLAUDE, GEMINI)]
+        as_int = lambda text: int(text.replace(",", ""))  # noqa: E731
+        assert rows[client]["calls"] == sum(as_int(c[2]) for c in cells)
+        assert rows[client]["errors"] == sum(as_int(c[3]) for c in cells)
+        assert rows[client]["input_tokens"] == sum(as_int(c[4]) for c in cells)
+        assert rows[client]["output_tokens"] == sum(as_int(c[5]) for c in cells)
+    # The priced part of alice's cost, on the page and in the report: the Claude row.
+    assert f"${rows['alice']['usd_priced']:,.2f}" == row(page, "alice", CLAUDE)[-1] == "$2.70"
 
 
 def test_latency_per_model_and_errors_by_kind_are_shown(page):
