@@ -48,6 +48,7 @@ def _metrics_blueprint(
     rates = status.Rates()
 
     def page() -> Response:
+        metrics.flush()  # this worker's per-client sums, so the page is current
         html = status.render(
             metrics.families(multiprocess_dir), rates, prices=prices, plan_usd=plan_usd
         )

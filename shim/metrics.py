@@ -13,6 +13,11 @@ names cut off after ``MAX_MODELS`` distinct values per process (then
 
 from __future__ import annotations
 
+import bisect
+import threading
+import time
+from collections import defaultdict
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -199,6 +204,80 @@ def _child(metric, *values: str):  # noqa: ANN001, ANN202
     return child
 
 
+class _Tally:
+    """Counter increments and histogram observations summed in memory, written once a second.
+
+    Each multiprocess write is a locked write to a shared file (~2 µs); the
+    per-client/model metrics (issue #17) would add up to nine per request.
+    Here a request adds to a dict, and a background greenlet (a thread outside
+    gevent) writes the sums every ``FLUSH_S``; the status page also flushes its
+    own worker before it reads. A scrape sees them at most a second late.
+    """
+
+    FLUSH_S = 1.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sums: dict[tuple, float] = defaultdict(float)
+        # Histogram observations as (sum, count per bucket index), by (metric, labels).
+        self._observed: dict[tuple, list] = {}
+        self._writer: threading.Thread | None = None
+
+    def add(self, metric, amount: float, *labels: str) -> None:  # noqa: ANN001
+        with self._lock:
+            self._sums[(metric, *labels)] += amount
+            if self._writer is None:
+                self._start()
+
+    def observe(self, metric, value: float, *labels: str) -> None:  # noqa: ANN001
+        # The bucket is found here, as Histogram.observe would: the first bound >= value.
+        index = bisect.bisect_left(metric._upper_bounds, value)
+        with self._lock:
+            key = (metric, *labels)
+            entry = self._observed.get(key)
+            if entry is None:
+                entry = self._observed[key] = [0.0, [0] * len(metric._upper_bounds)]
+            entry[0] += value
+            entry[1][index] += 1
+            if self._writer is None:
+                self._start()
+
+    def flush(self) -> None:
+        with self._lock:
+            sums, self._sums = self._sums, defaultdict(float)
+            observed, self._observed = self._observed, {}
+        for (metric, *labels), amount in sums.items():
+            _child(metric, *labels).inc(amount)
+        for (metric, *labels), (total, counts) in observed.items():
+            # Histogram.observe's own writes (its _sum and _buckets), summed: one write
+            # per bucket used instead of two per observation. Pinned prometheus-client;
+            # tests/test_metrics_tally.py compares the result with Histogram.observe.
+            child = _child(metric, *labels)
+            child._sum.inc(total)
+            for index, count in enumerate(counts):
+                if count:
+                    child._buckets[index].inc(count)
+
+    def _start(self) -> None:
+        # Under gunicorn's gevent worker threading is patched: this is a greenlet.
+        self._writer = threading.Thread(target=self._write_forever, name="metrics-tally",
+                                        daemon=True)
+        self._writer.start()
+
+    def _write_forever(self) -> None:
+        while True:
+            time.sleep(self.FLUSH_S)
+            self.flush()
+
+
+_tally = _Tally()
+
+
+def flush() -> None:
+    """Write what this worker has summed in memory (the status page calls it before reading)."""
+    _tally.flush()
+
+
 _QUOTA_STATUSES = ("allowed", "allowed_warning", "rejected", "other")
 _CLAIMS = ("five_hour", "seven_day", "seven_day_opus", "seven_day_sonnet", "other")
 _OVERAGE_REASONS = ("org_level_disabled", "out_of_credits", "org_spend_cap_reached", "other")
@@ -282,10 +361,10 @@ def observe(record: AccessRecord, fields: dict) -> None:
     if record.model:
         model = _model_label(record.model)
         outcome = "error" if error or status >= 400 else "ok"
-        _child(CLIENT_MODEL_REQUESTS, client, model, outcome).inc()
-        _child(MODEL_DURATION, model).observe(fields["duration_ms"] / 1000)
+        _tally.add(CLIENT_MODEL_REQUESTS, 1, client, model, outcome)
+        _tally.observe(MODEL_DURATION, fields["duration_ms"] / 1000, model)
         if record.stream and record.ttfb is not None:
-            _child(MODEL_TTFB, model).observe(record.ttfb)
+            _tally.observe(MODEL_TTFB, record.ttfb, model)
     if record.input_tokens or record.output_tokens:
         model = _model_label(record.model)
         for kind, count in (
@@ -296,7 +375,7 @@ def observe(record: AccessRecord, fields: dict) -> None:
         ):
             if count:
                 _child(TOKENS, provider, model, kind).inc(count)
-                _child(CLIENT_MODEL_TOKENS, client, model, kind).inc(count)
+                _tally.add(CLIENT_MODEL_TOKENS, count, client, model, kind)
     if error:
         metric = UPSTREAM_ERRORS if error in UPSTREAM_CODES else REQUEST_ERRORS
         _child(metric, provider, error).inc()
