@@ -95,6 +95,18 @@ GEMINI_KEYS = Gauge(
     ["state"],
     multiprocess_mode="liveall",
 )
+# The credentials file's login, for the status page: every worker holds the same pair,
+# so the latest any worker wrote ("max" across workers) is the truth.
+OAUTH_EXPIRY = Gauge(
+    "shim_oauth_token_expiry_timestamp_seconds",
+    "When the subscription OAuth access token in use expires (unix time)",
+    multiprocess_mode="max",
+)
+OAUTH_LAST_REFRESH = Gauge(
+    "shim_oauth_last_refresh_timestamp_seconds",
+    "When this gateway last refreshed the OAuth token itself (unix time)",
+    multiprocess_mode="max",
+)
 OAUTH_REFRESHES = Counter(
     "shim_oauth_refresh_total",
     "OAuth token refreshes: refreshed (called the endpoint), failed, adopted (another "
@@ -404,6 +416,12 @@ def state_failed(operation: str) -> None:
 
 def oauth_refresh(result: str) -> None:
     _child(OAUTH_REFRESHES, result).inc()
+    if result == "refreshed":
+        OAUTH_LAST_REFRESH.set(time.time())
+
+
+def oauth_expiry(expires_at: float) -> None:
+    OAUTH_EXPIRY.set(expires_at)
 
 
 def gemini_key_states(states: dict[str, int]) -> None:

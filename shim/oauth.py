@@ -87,6 +87,7 @@ class TokenRefresher(RefreshOutcomes):
         clock: Callable[[], float] = time.time,
         on_token: Callable[[str], None] | None = None,
         on_result: Callable[[str], None] | None = None,
+        on_expiry: Callable[[float], None] | None = None,
         shared: OAuthRedis | None = None,
         client_id: str = CLIENT_ID,
         gate: Gate | None = None,
@@ -114,6 +115,8 @@ class TokenRefresher(RefreshOutcomes):
         self._clock = clock
         self._on_token = on_token or (lambda token: None)
         self._on_result = on_result or (lambda result: None)
+        # Told the expiry (epoch s) of every pair this worker takes up (the status page).
+        self._on_expiry = on_expiry or (lambda expires_at: None)
         # In-process single flight: one greenlet talks to the lock and the endpoint.
         self._mutex = threading.Lock()
         self._background = False
@@ -249,6 +252,7 @@ class TokenRefresher(RefreshOutcomes):
         self._on_token(new.access_token)
         self._on_token(new.refresh_token)
         self._current = (self._file.write_back(self._current[0], new), ident(new.access_token))
+        self._on_expiry(new.expires_at)
 
     # -- the pair shared between boxes (Redis) -----------------------------------------------
 
@@ -282,6 +286,7 @@ class TokenRefresher(RefreshOutcomes):
         parsed = self._file.load()
         self._on_token(parsed.credentials.access_token)
         self._on_token(parsed.credentials.refresh_token)
+        self._on_expiry(parsed.credentials.expires_at)
         return parsed, ident(parsed.credentials.access_token)
 
     def _reload(self, force: bool = False) -> None:
@@ -298,6 +303,7 @@ class TokenRefresher(RefreshOutcomes):
             self._on_token(parsed.credentials.access_token)
             self._on_token(parsed.credentials.refresh_token)
             self._current = (parsed, ident(parsed.credentials.access_token))
+            self._on_expiry(parsed.credentials.expires_at)
             log.info(
                 "adopted the token in the credentials file",
                 extra={"event": "oauth_token_adopted", "credential": self._current[1]},

@@ -152,6 +152,12 @@ def _when(timestamp: float | None, now: float) -> str:
     return f"{at} (in {f'{days}d ' if days else ''}{hours}h {minutes:02d}m)"
 
 
+def _ago(timestamp: float, now: float) -> str:
+    at = datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    gone = max(0, int(now - timestamp))
+    return f"{at} ({gone // 3600}h {gone % 3600 // 60:02d}m ago)"
+
+
 def _bar(ratio: float) -> str:
     width = max(0.0, min(ratio, 1.0)) * 100
     tone = " over" if ratio >= 1 else " warn" if ratio >= 0.8 else ""
@@ -167,12 +173,24 @@ def _table(head: list[str], rows: list[list[str]], css: str = "") -> str:
     return f'<div class="scroll"><table class="{css}"><tr>{cells}</tr>{body}</table></div>'
 
 
+def _login(s: Samples, now: float) -> str:
+    """The credentials file's OAuth token: when it expires, when shim last refreshed it."""
+    expiry = s.gauge("shim_oauth_token_expiry_timestamp_seconds")
+    if not expiry:
+        return ""
+    refreshed = s.gauge("shim_oauth_last_refresh_timestamp_seconds")
+    last = _ago(refreshed, now) if refreshed else "not by this gateway since it started"
+    return (f'<p class="kv"><span>OAuth token expires <b>{escape(_when(expiry, now))}</b></span>'
+            f"<span>last refreshed <b>{escape(last)}</b></span></p>")
+
+
 def _quota(s: Samples, now: float) -> str:
+    login = _login(s, now)
     status = s.one_hot("shim_subscription_quota_status")
     if status is None and not s.each("shim_subscription_quota_utilization_ratio"):
-        return '<p class="muted">No subscription quota headers seen since start.</p>'
+        return login + '<p class="muted">No subscription quota headers seen since start.</p>'
     claim = s.one_hot("shim_subscription_quota_representative_claim")
-    parts = [f'<p class="kv"><span>status <b>{escape(status or "unknown")}</b></span>'
+    parts = [login, f'<p class="kv"><span>status <b>{escape(status or "unknown")}</b></span>'
              f'<span>binding window <b>{escape(claim or "unknown")}</b></span>']
     overage = s.one_hot("shim_subscription_quota_overage_status")
     if overage:

@@ -156,6 +156,16 @@ def test_many_calls_across_the_expiry_make_exactly_one_refresh(fake, launch):
     # Calls after the switch carry the new token to upstream.
     sent = [r.header("authorization") for r in fake.requests if r.path == "/v1/messages"]
     assert sent[-1] == f"Bearer {credentials.access_token}"
+    # The status page shows the new token's expiry and that shim refreshed it just now.
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.metrics_port, timeout=10)
+    try:
+        conn.request("GET", "/status")
+        page = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(credentials.expires_at))
+    assert f"OAuth token expires <b>{expires}" in page
+    assert re.search(r"last refreshed <b>[0-9-]+ [0-9:]+ UTC \(0h 0\dm ago\)</b>", page)
     slowest = max(r[2] for r in results)
     print(
         f"\n64 calls, 1 refresh ({refreshed['duration_ms']} ms at the endpoint), "

@@ -104,6 +104,7 @@ class Anthropic(Provider):
                 timeout_s=(settings.connect_timeout_s, 30.0),
                 on_token=logs.add_secret,
                 on_result=metrics.oauth_refresh,
+                on_expiry=metrics.oauth_expiry,
             )
         return cls(
             settings.anthropic_upstream,
