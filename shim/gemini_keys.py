@@ -145,7 +145,9 @@ class KeyPool:
         # (key id, model) -> wall-clock time the key serves that model again
         self._model_until: dict[tuple[str, str], float] = {}
         self._disabled: set[str] = set()
+        self._reasons: dict[str, str] = {}  # key id -> why it was disabled
         self._on_change: Callable[[dict[str, int]], None] | None = None
+        self._on_keys: Callable[[list[dict]], None] | None = None
         self._shared = shared
         self._synced = float("-inf")
 
@@ -154,9 +156,16 @@ class KeyPool:
         self._on_change = callback
         callback(self.counts())
 
+    def on_keys(self, callback: Callable[[list[dict]], None]) -> None:
+        """Call ``callback(per_key())`` now and whenever a key's state changes."""
+        self._on_keys = callback
+        callback(self.per_key())
+
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change(self.counts())
+        if self._on_keys is not None:
+            self._on_keys(self.per_key())
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -251,10 +260,11 @@ class KeyPool:
         self._share(ident, until, model)
         return True
 
-    def disable(self, ident: str) -> None:
+    def disable(self, ident: str, reason: str = "") -> None:
         """Take the key ``ident`` out of rotation for the life of the process."""
         if ident in self._by_id:
             self._disabled.add(ident)
+            self._reasons[ident] = reason
             self._cooling_until.pop(ident, None)
             self._changed()
             self._share(ident, self._clock() + DISABLED_BENCH_S)
@@ -296,6 +306,30 @@ class KeyPool:
             {i for (i, _), until in self._model_until.items() if until > now} - whole
         )
         return counts
+
+    def per_key(self) -> list[dict]:
+        """Each key in configured order by its id (a short hash, never the key).
+
+        ``state`` (available, cooling, disabled), ``until`` (wall-clock end of a
+        whole-key bench, 0.0 if none), ``reason`` (why disabled, may be empty)
+        and ``models`` (model -> wall-clock end of its bench on this key).
+        """
+        now = self._clock()
+        rows = []
+        for key in self._keys:
+            ident = self._ids[key]
+            until = self._cooling_until.get(ident, 0.0)
+            state = ("disabled" if ident in self._disabled
+                     else "cooling" if until > now else "available")
+            rows.append({
+                "id": ident,
+                "state": state,
+                "until": until if state == "cooling" else 0.0,
+                "reason": self._reasons.get(ident, "") if state == "disabled" else "",
+                "models": {model: t for (i, model), t in sorted(self._model_until.items())
+                           if i == ident and t > now},
+            })
+        return rows
 
     def benches(self) -> list[dict]:
         """Each key in configured order: its state and the models it is benched for (s left).

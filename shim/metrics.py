@@ -95,6 +95,22 @@ GEMINI_KEYS = Gauge(
     ["state"],
     multiprocess_mode="liveall",
 )
+# Per key, by its id (a short hash, never the key): bounded by the configured keys.
+# "livemax": a key cooling or disabled in any live worker shows so.
+GEMINI_KEY_STATE = Gauge(
+    "shim_gemini_key_state",
+    "1 for each Gemini key id's state in some worker (available, cooling, disabled); "
+    "reason says why a key was disabled",
+    ["key", "state", "reason"],
+    multiprocess_mode="livemax",
+)
+GEMINI_KEY_UNTIL = Gauge(
+    "shim_gemini_key_cooling_until_timestamp_seconds",
+    "When a benched Gemini key serves again (unix time; model empty: every model); "
+    "0 once the bench is over",
+    ["key", "model"],
+    multiprocess_mode="livemax",
+)
 # The credentials file's login, for the status page: every worker holds the same pair,
 # so the latest any worker wrote ("max" across workers) is the truth.
 OAUTH_EXPIRY = Gauge(
@@ -427,6 +443,27 @@ def oauth_expiry(expires_at: float) -> None:
 def gemini_key_states(states: dict[str, int]) -> None:
     for state, count in states.items():
         _child(GEMINI_KEYS, state).set(count)
+
+
+_key_labels: set[tuple[str, ...]] = set()  # (key, state, reason) set so far
+_key_benches: set[tuple[str, str]] = set()  # (key, model) set so far
+
+
+def gemini_key_detail(keys: list[dict]) -> None:
+    """Per key id: its state one-hot, and when its benches end (0 once over)."""
+    shown = {(k["id"], k["state"], k["reason"]) for k in keys}
+    for labels in _key_labels - shown:
+        _child(GEMINI_KEY_STATE, *labels).set(0)
+    for labels in shown:
+        _child(GEMINI_KEY_STATE, *labels).set(1)
+    _key_labels.update(shown)
+    benches = {(k["id"], ""): k["until"] for k in keys}
+    benches |= {(k["id"], model): until for k in keys for model, until in k["models"].items()}
+    for labels in _key_benches - benches.keys():
+        _child(GEMINI_KEY_UNTIL, *labels).set(0)
+    for labels, until in benches.items():
+        _child(GEMINI_KEY_UNTIL, *labels).set(until)
+    _key_benches.update(benches)
 
 
 def _registry(multiprocess_dir: str | None) -> CollectorRegistry:

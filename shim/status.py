@@ -207,7 +207,32 @@ def _quota(s: Samples, now: float) -> str:
     return "".join(parts)
 
 
-def _keys(s: Samples) -> str:
+def _key_rows(s: Samples, now: float) -> list[list[str]]:
+    """One row per key id: its worst state in any worker, until when, for which models."""
+    states: dict[str, dict[str, str]] = defaultdict(dict)  # id -> state -> reason
+    for labels, value in s.each("shim_gemini_key_state"):
+        if value == 1:
+            states[labels.get("key", "")][labels.get("state", "")] = labels.get("reason", "")
+    benches: dict[str, dict[str, float]] = defaultdict(dict)  # id -> model ("" all) -> until
+    for labels, value in s.each("shim_gemini_key_cooling_until_timestamp_seconds"):
+        if value > now:
+            benches[labels.get("key", "")][labels.get("model", "")] = value
+    rows = []
+    for ident in sorted(states):
+        have, bench = states[ident], benches.get(ident, {})
+        if "disabled" in have:
+            state, detail = "disabled", have["disabled"] or "–"
+        elif "" in bench:
+            state, detail = "cooling", f"until {_when(bench[''], now)}"
+        else:
+            state, detail = "available", "–"
+        models = ", ".join(f"{m} until {_when(t, now)}" for m, t in sorted(bench.items()) if m)
+        rows.append([f"<code>{escape(ident)}</code>", escape(state), escape(detail),
+                     escape(models or "–")])
+    return rows
+
+
+def _keys(s: Samples, now: float) -> str:
     samples = s.each("shim_gemini_keys")
     if not samples:
         return '<p class="muted">No Gemini key pool reported.</p>'
@@ -222,9 +247,10 @@ def _keys(s: Samples) -> str:
         low, high = min(values), max(values)
         count = _num(low) if low == high else f"{_num(low)}–{_num(high)}"
         shown.append(f"<span>{state.replace('_', ' ')} <b>{count}</b></span>")
-    return (f'<p class="kv">{"".join(shown)}</p><p class="muted">Each worker keeps its own '
-            f"view of the pool; a range means workers differ. Per-key detail: a provider "
-            f"port's <code>/health/ready</code>.</p>")
+    table = _table(["key id", "state", "until / why", "benched models"], _key_rows(s, now))
+    return (f'<p class="kv">{"".join(shown)}</p>{table}<p class="muted">Each worker keeps '
+            f"its own view of the pool; a range means workers differ, and a key shows the "
+            f"worst state any worker has it in. Keys by id: a short hash, never the key.</p>")
 
 
 def _now(s: Samples, rates: Rates, now: float) -> str:
@@ -326,7 +352,7 @@ def render(
     stamp = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     sections = [
         ("Subscription quota (Anthropic)", _quota(s, now)),
-        ("Gemini key pool", _keys(s)),
+        ("Gemini key pool", _keys(s, now)),
         ("Now", _now(s, rates, now)),
         ("Per client and model, since start", _clients(s, prices, plan_usd)),
         ("Latency per model, since start", _models(s)),

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from shim import report
+from shim.secret_files import key_id
 from shim.status import quantile
 from tests.conftest import ALL_SECRETS, ROOT, start_gateway
 from tests.fake_upstream import FAKE_API_KEY, FAKE_GEMINI_KEYS
@@ -221,6 +222,33 @@ def test_quota_bars_show_use_resets_and_the_binding_window(page):
 def test_gemini_key_pool_counts_are_shown(page):
     assert f"available {len(FAKE_GEMINI_KEYS)}" in text_of(page)
     assert "cooling 0" in text_of(page)
+
+
+def test_each_gemini_key_is_shown_by_its_id_and_state_never_the_key(page):
+    for key in FAKE_GEMINI_KEYS:
+        assert row(page, key_id(key))[1] == "available"
+        assert key not in page
+
+
+def test_a_benched_key_shows_cooling_until_when_and_a_model_bench_its_model(gw, page):
+    """Benches keys for the rest of the module: the screenshot below shows them."""
+    whole, model = key_id(FAKE_GEMINI_KEYS[0]), key_id(FAKE_GEMINI_KEYS[1])
+    deadline = time.monotonic() + 10
+    while True:
+        call(gw, "alice", "gemini", False, None, **{
+            "x-fake-limited-keys": "0", "x-fake-retry-delay": "600s",
+            "x-fake-quota": "GenerateRequestsPerDayPerProject-FreeTier"})
+        call(gw, "alice", "gemini", False, None, **{
+            "x-fake-limited-keys": "1", "x-fake-retry-delay": "600s"})
+        body = get(gw, "/status")[2]
+        cooling, benched = row(body, whole), row(body, model)
+        if cooling[1] == "cooling" and GEMINI in benched[3]:
+            break
+        assert time.monotonic() < deadline, body
+    assert re.fullmatch(r"until \d{4}-\d\d-\d\d \d\d:\d\d UTC \(in \d+h \d\dm\)", cooling[2])
+    assert benched[1] == "available" and benched[3].startswith(f"{GEMINI} until ")
+    for key in FAKE_GEMINI_KEYS:
+        assert key not in body
 
 
 def test_no_secret_key_or_token_is_on_the_page(page):

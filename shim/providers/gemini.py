@@ -197,6 +197,7 @@ class Gemini(Provider):
 
         gemini = cls(settings.gemini_upstream, KeyPool(settings.gemini_keys, shared=shared))
         gemini.keys.on_change(metrics.gemini_key_states)
+        gemini.keys.on_keys(metrics.gemini_key_detail)
         gemini.keys_source = settings.gemini_keys_source
         return gemini
 
@@ -265,7 +266,7 @@ class Gemini(Provider):
         if verdict.action == "keep":
             return False
         if verdict.action == "disable":
-            self.keys.disable(credential)
+            self.keys.disable(credential, f"rejected by upstream (HTTP {status})")
             log.warning(
                 "gemini key rejected by upstream; taken out of rotation",
                 extra={
