@@ -6,6 +6,8 @@ Writes a temporary log of realistic access lines (every field shim.access writes
 clients, five models, 2 % gunicorn and other log lines mixed in), then times one full
 report pass (read, parse, group, percentiles, pricing, render) for each --by. The goal
 (issue #17) is >= 200k lines/s on a 2-core box, i.e. a 1 GB log in well under a minute.
+A plain file this big is read in parallel byte ranges, one process per core; before that
+(one process) it was 121-130k lines/s, now ~295k lines/s on 2 cores.
 """
 
 from __future__ import annotations

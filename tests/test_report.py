@@ -245,3 +245,34 @@ def test_a_bad_price_file_stops_the_report_naming_the_variable(tmp_path, capsys)
     )
     assert code == 2
     assert "SHIM_PRICES_FILE" in capsys.readouterr().err
+
+
+def _json_report(result: report.Tally, by: str) -> str:
+    table = report.price_data.table(None)
+    return report.render_json(report.build(result, by, table))
+
+
+@pytest.mark.parametrize("by", report.GROUPINGS)
+def test_a_file_tallied_in_ranges_reports_exactly_as_one_pass(tmp_path, by):
+    path = tmp_path / "access.log"
+    path.write_text(LOG * 3 + LOG.rstrip("\n"))  # the last line without its newline
+    name = str(path)
+    table = report.price_data.table(None)
+    whole = _json_report(report.tally(report._lines([name]), by, table), by)
+    for parts in (1, 2, 3, 7):
+        spans = report.ranges(name, parts)
+        assert spans[0][0] == 0 and spans[-1][1] == path.stat().st_size
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+        result = report.Tally()
+        for start, end in spans:  # in this process, in order, as tally_file merges them
+            result.merge(report.tally(report.range_lines(name, start, end), by, table))
+        assert _json_report(result, by) == whole
+    assert _json_report(report.tally_file(name, by, table, parts=2), by) == whole
+
+
+def test_a_big_plain_file_is_read_in_parallel_with_the_same_output(tmp_path, monkeypatch):
+    one_pass = run(tmp_path, "--by", "client", "--format", "json")
+    monkeypatch.setattr(report, "SPLIT_AT", 1)
+    monkeypatch.setattr(report.os, "cpu_count", lambda: 2)
+    assert report._parallel(str(tmp_path / "access.log"))
+    assert run(tmp_path, "--by", "client", "--format", "json") == one_pass
