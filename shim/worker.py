@@ -35,7 +35,6 @@ shapes) are asked in the worker process, after the fork.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 
 import gevent
@@ -239,7 +238,7 @@ class ShimWorker(GeventWorker):
             from shim.providers import REGISTRY
             from shim.settings import Settings
 
-            settings = Settings.from_env(os.environ)
+            settings = Settings.from_env()  # the only reader of the environment
             self._renderers = {p.port(settings): p.render_error for p in REGISTRY}
             self._renderers[None] = REGISTRY[0].render_error
         return self._renderers.get(port, self._renderers[None])
