@@ -82,6 +82,23 @@ class Decoder:
 
 
 
+def decoded(body: bytes, content_encoding: str | None, budget: int) -> bytes | None:
+    """A whole body decoded from its Content-Encoding within ``budget``; None if it cannot be.
+
+    For small answers read to judge them (error bodies): identity comes back
+    as is; an unknown coding, a corrupt body or one over the budget is None.
+    """
+    coding = coding_of(content_encoding)
+    if coding == "":
+        return body
+    if coding is None:
+        return None
+    try:
+        return Decoder(coding, budget).decode(body)
+    except (DecodeLimit, DecodeFailed):
+        return None
+
+
 def coding_of(content_encoding: str | None) -> str | None:
     """The single coding a decoder exists for, "" for identity, None when not decodable."""
     if not content_encoding:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import orjson
 
-from shim.decode import DecodeFailed, DecodeLimit, Decoder, coding_of
+from shim.decode import decoded
 
 # (kind, message prefix, blocks): ``blocks`` means the credential cannot serve
 # anyone, so readiness reports the provider unavailable (see shim.readiness).
@@ -57,14 +57,9 @@ def classify(body: bytes, content_encoding: str | None) -> str | None:
     """Return the refusal kind of a whole Anthropic error body (as sent, maybe compressed)."""
     if len(body) > MAX_ERROR_BYTES:
         return None
-    coding = coding_of(content_encoding)
-    if coding is None:
+    body = decoded(body, content_encoding, MAX_ERROR_BYTES)
+    if body is None:
         return None
-    if coding:
-        try:
-            body = Decoder(coding, MAX_ERROR_BYTES).decode(body)
-        except (DecodeLimit, DecodeFailed):
-            return None
     # Most error answers are not refusals: skip parsing unless a prefix could be there.
     if b'"message"' not in body:
         return None

@@ -179,7 +179,7 @@ class UpstreamBody:
         if tap is not None:
             tap.read(lambda data: self._provider.read_usage(data, record))
             record.events = tap.events
-            why = usage.why_unread(tap)
+            why = tap.unread
             if why is not None:
                 usage_unread(record, why)
         if self._on_stream is not None:

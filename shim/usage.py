@@ -170,33 +170,38 @@ def read_json(body: bytes, on_data: OnData) -> str | None:
 class DecodedTap:
     """Decodes a compressed answer chunk by chunk and feeds the pieces to ``inner``."""
 
-    __slots__ = ("_decoder", "_inner", "_seen", "unread")
+    __slots__ = ("_decoder", "_inner", "_seen", "_stopped")
 
-    def __init__(self, decoder: Decoder, inner: SseTap | JsonTap):
+    def __init__(self, decoder: Decoder | None, inner: SseTap | JsonTap):
         self._decoder = decoder
         self._inner = inner
         self._seen = 0
-        self.unread: str | None = None
+        # Why decoding stopped (or never started: no decoder for the coding).
+        self._stopped: str | None = None if decoder is not None else "unknown_encoding"
 
     @property
     def events(self) -> int:
         return self._inner.events
 
+    @property
+    def unread(self) -> str | None:
+        return self._stopped or self._inner.unread
+
     def feed(self, chunk: bytes) -> None:
-        if self.unread is not None:
+        if self._stopped is not None:
             return
         self._seen += len(chunk)
-        decoder = self._decoder
+        decoder = self._decoder  # not None: without one the tap is stopped from the start
         # A stream may grow its budget with what passed; a bomb cannot.
         budget = MAX_RATIO * self._seen
-        if budget > decoder.budget:
-            decoder.budget = budget
+        if budget > decoder.budget:  # type: ignore[union-attr]
+            decoder.budget = budget  # type: ignore[union-attr]
         try:
-            decoder.feed(chunk, self._inner.feed)
+            decoder.feed(chunk, self._inner.feed)  # type: ignore[union-attr]
         except DecodeLimit:
-            self.unread = "decode_limit"
+            self._stopped = "decode_limit"
         except DecodeFailed:
-            self.unread = "decode_failed"
+            self._stopped = "decode_failed"
 
     def read(self, on_data: OnData) -> None:
         # What passed before a decoder stopped is still true; `unread` marks the
@@ -223,11 +228,7 @@ def tap_for(
     coding = coding_of(content_encoding)
     if coding == "":
         return inner
-    if coding is None:
-        tap = DecodedTap(Decoder("gzip", 0), inner)
-        tap.unread = "unknown_encoding"
-        return tap
-    return DecodedTap(Decoder(coding, MAX_COPY_BYTES), inner)
+    return DecodedTap(Decoder(coding, MAX_COPY_BYTES) if coding else None, inner)
 
 
 def read_whole(body: bytes, content_encoding: str | None, on_data: OnData) -> str | None:
@@ -237,18 +238,10 @@ def read_whole(body: bytes, content_encoding: str | None, on_data: OnData) -> st
         return read_json(body, on_data)
     if coding is None:
         return "unknown_encoding"
-    decoder = Decoder(coding, MAX_COPY_BYTES)
     try:
-        decoded = decoder.decode(body)
+        copy = Decoder(coding, MAX_COPY_BYTES).decode(body)
     except DecodeLimit:
         return "decode_limit"
     except DecodeFailed:
         return "decode_failed"
-    return read_json(decoded, on_data)
-
-
-def why_unread(tap: Tap) -> str | None:
-    """Why usage may be incomplete for this answer (None: all of it was read)."""
-    if isinstance(tap, DecodedTap):
-        return tap.unread or tap._inner.unread
-    return tap.unread
+    return read_json(copy, on_data)

@@ -95,7 +95,7 @@ def test_a_compressed_stream_is_read_event_by_event(coding):
     events = read(tap)
     assert [e["type"] for e in events] == ["message_start", "message_delta"]
     assert events[1]["usage"]["output_tokens"] == 9
-    assert tap.events == len(frames) and usage.why_unread(tap) is None
+    assert tap.events == len(frames) and tap.unread is None
 
 
 def test_an_sse_event_larger_than_many_chunks_is_held_whole_up_to_the_bound():
@@ -111,7 +111,7 @@ def test_an_sse_event_larger_than_many_chunks_is_held_whole_up_to_the_bound():
         tap.feed(huge[at:at + 65_536])
     tap.feed(event)  # the next event is still found after the dropped one
     assert read(tap)[0]["usageMetadata"]["promptTokenCount"] == 7
-    assert usage.why_unread(tap) == "event_too_large"
+    assert tap.unread == "event_too_large"
 
 
 def test_a_json_array_stream_hands_over_each_element_and_json_has_a_bound():
@@ -122,7 +122,7 @@ def test_a_json_array_stream_hands_over_each_element_and_json_has_a_bound():
     assert [e["usageMetadata"]["promptTokenCount"] for e in read(tap)] == [1, 2]
     big = usage.JsonTap()
     big.feed(b"x" * (usage.MAX_COPY_BYTES + 1))
-    assert read(big) == [] and usage.why_unread(big) == "body_too_large"
+    assert read(big) == [] and big.unread == "body_too_large"
 
 
 def test_a_whole_answer_says_why_its_usage_could_not_be_read():

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from shim.access import AccessRecord
 from shim.candidates import param_values
-from shim.decode import DecodeFailed, DecodeLimit, Decoder, coding_of
+from shim.decode import decoded
 from shim.errors import ProviderNotConfigured, RateLimited
 from shim.gemini_keys import KeyPool
 from shim.providers.base import Provider, Route
@@ -166,14 +166,7 @@ def judge_key(
 
 def readable(body: bytes, content_encoding: str | None) -> bytes:
     """``body`` decoded from its Content-Encoding (bounded), or b"" if it cannot be."""
-    coding = coding_of(content_encoding)
-    if not coding:
-        return body if coding == "" else b""
-    decoder = Decoder(coding, ERROR_BODY_BYTES)
-    try:
-        return decoder.decode(body)
-    except (DecodeLimit, DecodeFailed):
-        return b""
+    return decoded(body, content_encoding, ERROR_BODY_BYTES) or b""
 
 
 class Gemini(Provider):
