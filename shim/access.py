@@ -151,10 +151,9 @@ class AccessRecord:
                 self.max_gap = gap
         self._last = now
         self.bytes_out += size
-        if now >= self.renew_at:
+        if now >= self.renew_at:  # finite only once Limiter.admit set a renewer
             self.renew_at = float("inf")  # the renewer sets the next one
-            if self.renewer is not None:
-                self.renewer(self)
+            self.renewer(self)  # type: ignore[misc]
 
     def fields(self) -> dict:
         duration = time.perf_counter() - self.start

@@ -251,22 +251,20 @@ class _Tally:
         self._observed: dict[tuple, list] = {}
         self._writer: threading.Thread | None = None
 
-    def add(self, metric, amount: float, *labels: str) -> None:  # noqa: ANN001
+    def add(self, sums: list[tuple], observed: list[tuple] = ()) -> None:
+        """Add one request's counts, ``(metric, amount, *labels)``, and histogram values,
+        ``(metric, value, *labels)``, under one lock (one request, one acquisition)."""
         with self._lock:
-            self._sums[(metric, *labels)] += amount
-            if self._writer is None:
-                self._start()
-
-    def observe(self, metric, value: float, *labels: str) -> None:  # noqa: ANN001
-        # The bucket is found here, as Histogram.observe would: the first bound >= value.
-        index = bisect.bisect_left(metric._upper_bounds, value)
-        with self._lock:
-            key = (metric, *labels)
-            entry = self._observed.get(key)
-            if entry is None:
-                entry = self._observed[key] = [0.0, [0] * len(metric._upper_bounds)]
-            entry[0] += value
-            entry[1][index] += 1
+            for metric, amount, *labels in sums:
+                self._sums[(metric, *labels)] += amount
+            for metric, value, *labels in observed:
+                key = (metric, *labels)
+                entry = self._observed.get(key)
+                if entry is None:
+                    entry = self._observed[key] = [0.0, [0] * len(metric._upper_bounds)]
+                entry[0] += value
+                # The bucket Histogram.observe would use: the first bound >= value.
+                entry[1][bisect.bisect_left(metric._upper_bounds, value)] += 1
             if self._writer is None:
                 self._start()
 
@@ -386,13 +384,15 @@ def observe(record: AccessRecord, fields: dict) -> None:
         _child(STREAM_MAX_GAP, provider).observe(record.max_gap)
     error = record.error
     client = record.client or "none"
+    sums: list[tuple] = []
+    observed: list[tuple] = []
     if record.model:
         model = _model_label(record.model)
         outcome = "error" if error or status >= 400 else "ok"
-        _tally.add(CLIENT_MODEL_REQUESTS, 1, client, model, outcome)
-        _tally.observe(MODEL_DURATION, fields["duration_ms"] / 1000, model)
+        sums.append((CLIENT_MODEL_REQUESTS, 1, client, model, outcome))
+        observed.append((MODEL_DURATION, fields["duration_ms"] / 1000, model))
         if record.stream and record.ttfb is not None:
-            _tally.observe(MODEL_TTFB, record.ttfb, model)
+            observed.append((MODEL_TTFB, record.ttfb, model))
     if record.input_tokens or record.output_tokens:
         model = _model_label(record.model)
         for kind, count in (
@@ -403,7 +403,9 @@ def observe(record: AccessRecord, fields: dict) -> None:
         ):
             if count:
                 _child(TOKENS, provider, model, kind).inc(count)
-                _tally.add(CLIENT_MODEL_TOKENS, count, client, model, kind)
+                sums.append((CLIENT_MODEL_TOKENS, count, client, model, kind))
+    if sums:
+        _tally.add(sums, observed)
     if error:
         metric = UPSTREAM_ERRORS if error in UPSTREAM_CODES else REQUEST_ERRORS
         _child(metric, provider, error).inc()

@@ -32,7 +32,7 @@ def test_a_flushed_tally_writes_what_histogram_observe_would():
     tally = metrics._Tally()
     for value in VALUES:
         direct.labels("m").observe(value)
-        tally.observe(tallied, value, "m")
+        tally.add([], [(tallied, value, "m")])
     assert samples(tally_registry, "h_tally") == {}  # nothing written before the flush
     tally.flush()
     got = {(k[0].replace("h_tally", "h"), k[1]): v for k, v in samples(tally_registry,
@@ -47,8 +47,8 @@ def test_counter_increments_are_summed_and_written_once_by_the_flush():
     counter = Counter("c_tally", "c", ["client", "model"], registry=registry)
     tally = metrics._Tally()
     for amount in (1, 2, 3):
-        tally.add(counter, amount, "alice", "m")
-    tally.add(counter, 5, "bob", "m")
+        tally.add([(counter, amount, "alice", "m")])
+    tally.add([(counter, 5, "bob", "m")])
     tally.flush()
     values = {tuple(s.labels.values()): s.value for f in registry.collect() for s in f.samples
               if s.name == "c_tally_total"}
