@@ -100,7 +100,7 @@ class Target:
                 self.process.kill()
 
 
-def start_naive(upstream: int) -> Target:
+def start_naive(upstream: int, connections: int = 4096) -> Target:
     port = free_port()
     env = {**os.environ, "NAIVE_UPSTREAM": f"http://127.0.0.1:{upstream}", "NAIVE_SECRET": SECRET}
     process = subprocess.Popen(
@@ -113,7 +113,7 @@ def start_naive(upstream: int) -> Target:
             "-w",
             "2",
             "--worker-connections",
-            "4096",
+            str(connections),
             "-b",
             f"127.0.0.1:{port}",
             "naive:app",
@@ -195,7 +195,9 @@ http {{
     return Target("nginx", port, port, process, work)
 
 
-def wrk(port: int, connections: int, path: str = "/v1/messages") -> tuple[float, int]:
+def wrk(
+    port: int, connections: int, path: str = "/v1/messages", seconds: int = WRK_SECONDS
+) -> tuple[float, int]:
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     script.write(
         f"wrk.method = \"POST\"\nwrk.body = '{BODY.decode()}'\n"
@@ -210,7 +212,7 @@ def wrk(port: int, connections: int, path: str = "/v1/messages") -> tuple[float,
                 "wrk",
                 "-t2",
                 f"-c{connections}",
-                f"-d{WRK_SECONDS}s",
+                f"-d{seconds}s",
                 "-s",
                 script.name,
                 f"http://127.0.0.1:{port}{path}",
@@ -224,7 +226,7 @@ def wrk(port: int, connections: int, path: str = "/v1/messages") -> tuple[float,
     total = int(re.search(r"(\d+) requests in", out).group(1))
     failed = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     ok = total - (int(failed.group(1)) if failed else 0)
-    return ok / WRK_SECONDS, ok
+    return ok / seconds, ok
 
 
 def added_latency(direct_port: int, port: int, rounds: int) -> tuple[float, float]:

@@ -27,10 +27,10 @@ import logging
 
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter, TimeoutSauce
+from requests.adapters import TimeoutSauce
 from werkzeug.wrappers import Response
 
-from shim import usage
+from shim import upstream_pool, usage
 from shim.access import AccessRecord
 from shim.candidates import SECRET_ENVIRON
 from shim.errors import BadRequest, GatewayError
@@ -93,8 +93,8 @@ class Forwarder:
         self.session = requests.Session()
         # A stray HTTPS_PROXY or ~/.netrc must not redirect or re-authenticate traffic.
         self.session.trust_env = False
-        # No retries: a POST must never be sent twice. Pool sized for one gevent worker.
-        self.adapter = HTTPAdapter(pool_connections=4, pool_maxsize=256, max_retries=0)
+        # Pool sized for one gevent worker.
+        self.adapter = upstream_pool.adapter(pool_maxsize=256)
         self.session.mount("https://", self.adapter)
         self.session.mount("http://", self.adapter)
         self.timeout = TimeoutSauce(connect=connect_timeout_s, read=read_timeout_s)

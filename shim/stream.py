@@ -117,16 +117,10 @@ class UpstreamBody:
             self._watch = hangup.watch(client, self._on_client_hangup)
 
     def _on_client_hangup(self) -> None:
+        # Runs in the event loop (shim.hangup): flags and a shutdown only; the
+        # stream's greenlet logs when the EOF this causes wakes it.
         self._client_gone = True
         self._record.error = CLIENT_GONE
-        log.info(
-            "client went away mid-stream; closing upstream",
-            extra={
-                "event": "client_gone",
-                "provider": self._provider.name,
-                "request_id": self._record.request_id,
-            },
-        )
         raw = self._raw
         if raw is not None:
             # Wakes the greenlet blocked on upstream's next byte with an EOF.
@@ -139,6 +133,8 @@ class UpstreamBody:
         try:
             chunk = next(self._chunks)
         except StopIteration:
+            if self._client_gone:
+                self._left()  # our watcher's shutdown looked like a clean end
             self._complete = True
             raise
         except UPSTREAM_FAILURES as exc:
@@ -153,9 +149,7 @@ class UpstreamBody:
 
     def _fail(self, exc: BaseException) -> bytes:
         if self._client_gone and not isinstance(exc, greenlets.STOPPING):
-            # Our own watcher cut upstream: the client is not there to tell.
-            self._release(clean=False)
-            raise StopIteration from None
+            self._left()
         error = failed(exc, STREAM, self._record, self._provider.name)
         self._release(clean=False)
         frame = self._frame(error, self._content_type) if self._frame else None
@@ -165,6 +159,19 @@ class UpstreamBody:
         self._chunks = iter(())
         self._record.sent(len(frame))
         return frame
+
+    def _left(self) -> None:
+        # Our own watcher cut upstream: the client is not there to tell.
+        log.info(
+            "client went away mid-stream; closed upstream",
+            extra={
+                "event": "client_gone",
+                "provider": self._provider.name,
+                "request_id": self._record.request_id,
+            },
+        )
+        self._release(clean=False)
+        raise StopIteration from None
 
     def close(self) -> None:
         self._release(clean=self._complete)
