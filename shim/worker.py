@@ -43,6 +43,8 @@ from gunicorn.http.body import Body, LengthReader
 from gunicorn.util import write_nonblock
 from gunicorn.workers.ggevent import GeventWorker
 
+from shim import resolver
+
 # gunicorn's framing errors by answer; anything else it raises is the client's 400.
 _STATUS = (
     (http_errors.LimitRequestLine, 414, "URI Too Long", "too_large"),
@@ -180,6 +182,7 @@ class ShimWorker(GeventWorker):
         return _NextRequestWait(self)
 
     def load_wsgi(self) -> None:
+        resolver.install()  # patched by now; nothing has connected upstream yet
         super().load_wsgi()
         app = self.wsgi
 
