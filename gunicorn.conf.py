@@ -61,6 +61,15 @@ def child_exit(server, worker):  # noqa: ANN001, ANN201 - gunicorn hook
 
     multiprocess.mark_process_dead(worker.pid)
 
+
+def post_worker_init(worker):  # noqa: ANN001, ANN201 - gunicorn hook
+    # Each worker's greenlets, descriptors and RSS as gauges (issue #19), refreshed by a
+    # greenlet of its own. Imported here, in the worker, after gevent patched it.
+    if _settings.self_stats_s and _settings.metrics_port:
+        from shim import selfstats
+
+        selfstats.start(_settings.self_stats_s, lambda: worker.nr)
+
 # One failed-secret table for every worker (issue #14): shared memory mapped
 # here, before the fork, so each worker inherits the same pages and an address
 # gets max_failures guesses per instance, not per worker. Standard library only.
