@@ -37,16 +37,20 @@ if _settings.metrics_port:
 
 # prometheus-client's multiprocess mode: every worker writes its samples to
 # files here and a scrape on any worker reads them all. A fresh directory per
-# start, so a restart never reports the dead processes' counts twice.
+# start, so a restart never reports the dead processes' counts twice. Only per
+# start: a SIGHUP reload runs this file again in the same master, and emptying
+# the directory then dropped every counter, the running workers' too (#19).
 _metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+_reloaded = os.environ.get("_SHIM_METRICS_DIR_OF") == str(os.getpid())
 if _metrics_dir:
     os.makedirs(_metrics_dir, exist_ok=True)
-    for _name in os.listdir(_metrics_dir):
+    for _name in [] if _reloaded else os.listdir(_metrics_dir):
         if _name.endswith(".db"):
             os.remove(os.path.join(_metrics_dir, _name))
 else:
     _metrics_dir = tempfile.mkdtemp(prefix="shim-metrics-")
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+os.environ["_SHIM_METRICS_DIR_OF"] = str(os.getpid())  # this master set it up
 
 
 def on_starting(server):  # noqa: ANN001, ANN201 - gunicorn hook
