@@ -1,7 +1,7 @@
 """Soak: shim under a steady, mixed, faulty load with reloads and restarts; leaks and lost calls.
 
     .venv/bin/python bench/soak.py                # 30 minutes (run by hand, never in CI)
-    .venv/bin/python bench/soak.py --smoke        # ~1 minute, fewer clients (tests/test_soak.py)
+    .venv/bin/python bench/soak.py --smoke        # 45 s, fewer clients (tests/test_soak.py)
     .venv/bin/python bench/soak.py --minutes 3    # any length; --out FILE for the JSON
 
 Starts the project's fake upstream (tests/fake_upstream.py, in a process of its
@@ -85,7 +85,7 @@ class Plan:
 
 
 FULL = Plan(1800, 44, 1.0, 300, 100, 5, 60, 20, 360)
-SMOKE = Plan(60, 20, 1.5, 60, 100, 2, 15, 10, 12)
+SMOKE = Plan(45, 20, 1.5, 60, 100, 2, 12, 10, 10)
 
 # Claude Code's Accept-Encoding, the SDKs' (httpx), and none; the coding the real APIs pick.
 OFFERS = (("gzip, deflate, br, zstd", 5), ("gzip, deflate", 4), ("identity", 1))
