@@ -37,16 +37,20 @@ if _settings.metrics_port:
 
 # prometheus-client's multiprocess mode: every worker writes its samples to
 # files here and a scrape on any worker reads them all. A fresh directory per
-# start, so a restart never reports the dead processes' counts twice.
+# start, so a restart never reports the dead processes' counts twice. Only per
+# start: a SIGHUP reload runs this file again in the same master, and emptying
+# the directory then dropped every counter, the running workers' too (#19).
 _metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+_reloaded = os.environ.get("_SHIM_METRICS_DIR_OF") == str(os.getpid())
 if _metrics_dir:
     os.makedirs(_metrics_dir, exist_ok=True)
-    for _name in os.listdir(_metrics_dir):
+    for _name in [] if _reloaded else os.listdir(_metrics_dir):
         if _name.endswith(".db"):
             os.remove(os.path.join(_metrics_dir, _name))
 else:
     _metrics_dir = tempfile.mkdtemp(prefix="shim-metrics-")
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+os.environ["_SHIM_METRICS_DIR_OF"] = str(os.getpid())  # this master set it up
 
 
 def on_starting(server):  # noqa: ANN001, ANN201 - gunicorn hook
@@ -60,6 +64,15 @@ def child_exit(server, worker):  # noqa: ANN001, ANN201 - gunicorn hook
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def post_worker_init(worker):  # noqa: ANN001, ANN201 - gunicorn hook
+    # Each worker's greenlets, descriptors and RSS as gauges (issue #19), refreshed by a
+    # greenlet of its own. Imported here, in the worker, after gevent patched it.
+    if _settings.self_stats_s and _settings.metrics_port:
+        from shim import selfstats
+
+        selfstats.start(_settings.self_stats_s, lambda: worker.nr)
 
 # One failed-secret table for every worker (issue #14): shared memory mapped
 # here, before the fork, so each worker inherits the same pages and an address

@@ -241,6 +241,18 @@ def workers(raw: str) -> int:
     return _int(raw, 1, 64, "an integer 1-64")
 
 
+def interval_or_off(raw: str) -> float:
+    """Seconds between runs of a periodic job: 0 turns it off, else 1 to 86400."""
+    what = "a number of seconds 1-86400, or 0 for off"
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError(f"expected {what}, got {raw!r}") from None
+    if not (value == 0 or 1 <= value <= 86_400):
+        raise ValueError(f"expected {what}, got {raw!r}")
+    return value
+
+
 def seconds(raw: str) -> float:
     try:
         value = float(raw.strip())

@@ -182,6 +182,10 @@ class Settings:
     metrics_port: int | None = _observability(
         "SHIM_METRICS_PORT", p.optional_port, 9464, "Prometheus port; 0 turns it off"
     )
+    # Issue #19: each worker's greenlets, open descriptors and RSS as gauges (shim.selfstats).
+    self_stats_s: float = _observability(
+        "SHIM_SELF_STATS_S", p.interval_or_off, 60.0, "worker self-stats refresh; 0 turns it off"
+    )
 
     # --- state (may carry a Redis password: kept out of repr(), listed by secrets())
     state_url: str = _state(

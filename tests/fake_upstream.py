@@ -11,6 +11,8 @@ them untouched):
 
 - ``x-fake-gap-ms``: pause between streamed events (default 0);
 - ``x-fake-events``: number of text deltas in a stream (default 3);
+- ``x-fake-stamp``: any value makes each streamed text piece start with the
+  fake's send time (``"@1764000000.123456 chunk3 "``), for chunk delays;
 - ``x-fake-limited-keys``: indexes into FAKE_GEMINI_KEYS (``0,2``) that get a
   Gemini 429 with ``RetryInfo`` (``x-fake-retry-delay``, default ``30s``) and
   ``QuotaFailure`` (``x-fake-quota``, default a per-minute quota id);
@@ -421,9 +423,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self.scenario == "bad-header":
             extra.append(("X-Fake-Odd", "a\x01b"))  # a control byte gunicorn refuses to relay
         self._start_chunked(content_type, extra)
+        stamp = bool(self.rec.header("x-fake-stamp"))
         for index, frame in enumerate(frames):
             if index and self.gap:
                 time.sleep(self.gap)
+            if stamp:
+                frame = frame.replace(b'"chunk', b'"@%.6f chunk' % time.time(), 1)
             if index == 2 and self.scenario == "drop":
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True

@@ -506,3 +506,18 @@ def test_secrets_lists_the_oauth_token_and_a_percent_escaped_password_as_redis_g
 
 def test_secrets_of_a_memory_state_and_no_gemini_keys_are_the_secret_and_credential():
     assert Settings.from_env(env()).secrets() == (SECRET, FAKE_OAUTH_TOKEN)
+
+
+# --- worker self-stats (issue #19) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, 60.0), ("0", 0.0), ("5", 5.0), ("1.5", 1.5)])
+def test_self_stats_interval_defaults_to_a_minute_and_zero_is_off(raw, expected):
+    assert Settings.from_env(env(SHIM_SELF_STATS_S=raw)).self_stats_s == expected
+
+
+@pytest.mark.parametrize("raw", ["-1", "0.5", "x", "nan", "inf", "86401"])
+def test_invalid_self_stats_interval_names_the_variable_and_the_form(raw):
+    assert only_problem(env(SHIM_SELF_STATS_S=raw)) == (
+        f"SHIM_SELF_STATS_S: expected a number of seconds 1-86400, or 0 for off, got {raw!r}"
+    )
