@@ -25,6 +25,7 @@ bound, a corrupt or unknown coding) the access line says so in
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
@@ -157,7 +158,11 @@ def read_json(body: bytes, on_data: OnData) -> str | None:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return "unparsable"
+        # Gemini's JSON-array stream cut short (a hang-up, an upstream drop)
+        # still carries whole chunks, each with the usage so far (issue #19).
+        data = _whole_items(body)
+        if not data:
+            return "unparsable"
     if isinstance(data, dict):
         on_data(data)
     elif isinstance(data, list):
@@ -165,6 +170,26 @@ def read_json(body: bytes, on_data: OnData) -> str | None:
             if isinstance(item, dict):
                 on_data(item)
     return None
+
+
+_DECODER = json.JSONDecoder()  # orjson has no raw_decode; this runs once per cut stream
+
+
+def _whole_items(body: bytes) -> list:
+    """The complete items at the head of a JSON array whose end never came."""
+    text = body.decode("utf-8", "replace")
+    start = text.find("[")
+    if start < 0 or text[:start].strip():
+        return []
+    items, index, decoder = [], start + 1, _DECODER
+    while True:
+        while index < len(text) and text[index] in " \t\r\n,":
+            index += 1
+        try:
+            item, index = decoder.raw_decode(text, index)
+        except ValueError:
+            return items
+        items.append(item)
 
 
 class DecodedTap:

@@ -150,30 +150,49 @@ def _unsupported_coding(req) -> bool:  # noqa: ANN001 - gunicorn's request
     return bool(codings) and codings != ["chunked"]
 
 
+class _Closing(Exception):  # noqa: N818 - a signal between greenlets, not an error
+    """Thrown into an idle keep-alive connection by a stopping worker: close it quietly."""
+
+
 class _NextRequestWait:
-    """The keep-alive wait for a next request: bounded, and registered so a stop can end it."""
+    """The keep-alive wait for a next request: bounded, and registered so a stop can end it.
+
+    gunicorn wraps *every* wait for a request in this, a fresh connection's
+    first one included. A stopping worker closes only connections that are
+    idle between requests; one that has not had its first request read yet
+    was accepted by this worker and is served (issue #19: the soak saw such
+    connections answered with an unasked-for 500 when a stop killed them).
+    """
+
+    __slots__ = ("worker", "timeout", "current")
 
     def __init__(self, worker: ShimWorker):
         self.worker = worker
         self.timeout = gevent.Timeout(worker.cfg.keepalive, False)
+        self.current = gevent.getcurrent()
 
     def __enter__(self) -> None:
-        if not self.worker.alive:
+        worker = self.worker
+        if not worker.alive and self.current in worker._served:
             raise StopIteration  # stopping: gunicorn closes the connection quietly
-        self.worker._waiting.add(gevent.getcurrent())
+        worker._waiting.add(self.current)
         self.timeout.start()
 
     def __exit__(self, kind, value, traceback) -> bool:  # noqa: ANN001
         self.timeout.close()
-        self.worker._waiting.discard(gevent.getcurrent())
-        # Like gevent.Timeout(..., False): a keep-alive that expires ends quietly.
-        return value is self.timeout
+        self.worker._waiting.discard(self.current)
+        # Like gevent.Timeout(..., False): a keep-alive that expires ends
+        # quietly, and so does one a stopping worker closes (gunicorn would
+        # answer any other exception here with a 500 nobody asked for).
+        return value is self.timeout or isinstance(value, _Closing)
 
 
 class ShimWorker(GeventWorker):
     def init_process(self) -> None:
-        self._waiting: set[gevent.Greenlet] = set()  # connections between requests
+        self._waiting: set[gevent.Greenlet] = set()  # connections waiting for a request
         self._busy: set[gevent.Greenlet] = set()  # requests in flight
+        # Connections that have been answered at least once, with their sockets.
+        self._served: dict[gevent.Greenlet, socket.socket] = {}
         self._renderers: dict | None = None
         super().init_process()
 
@@ -199,6 +218,12 @@ class ShimWorker(GeventWorker):
 
         self.wsgi = told_the_status
 
+    def handle(self, listener, client, addr):  # noqa: ANN001, ANN201 - gunicorn's signature
+        try:
+            return super().handle(listener, client, addr)
+        finally:
+            self._served.pop(gevent.getcurrent(), None)
+
     def handle_request(self, listener_name, req, sock, addr):  # noqa: ANN001, ANN201
         if _unsupported_coding(req):
             # gunicorn accepted it (``gzip, chunked``); handle_error answers 501.
@@ -213,6 +238,7 @@ class ShimWorker(GeventWorker):
             return super().handle_request(listener_name, req, sock, addr)
         finally:
             self._busy.discard(current)
+            self._served[current] = sock
             if body is not None and body.closing:
                 _linger(sock)
 
@@ -223,7 +249,7 @@ class ShimWorker(GeventWorker):
         super().handle_exit(sig, frame)
 
     def _drain(self) -> None:
-        gevent.killall(list(self._waiting), block=False)
+        self._close_idle()
         # The master SIGKILLs workers at graceful_timeout, so end the streams
         # still running a little before that, while they can still say why
         # (shim.failures turns this GreenletExit into the provider's error frame).
@@ -232,6 +258,27 @@ class ShimWorker(GeventWorker):
         if self._busy:
             self.log.warning("grace period over: ending %d request(s) in flight", len(self._busy))
             gevent.killall(list(self._busy), block=False)
+        # Whatever still waits for a first request gets no more time either.
+        gevent.killall(list(self._waiting), exception=_Closing, block=False)
+
+    def _close_idle(self) -> None:
+        """Close the connections idle between requests, except one whose next request is here."""
+        idle = []
+        for current in self._waiting:
+            sock = self._served.get(current)
+            if sock is None:
+                continue  # its first request is on its way: serve it
+            try:
+                # The real socket: gevent's would wait for a byte instead of saying none came.
+                raw = getattr(sock, "_sock", sock)
+                if raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    continue  # the next request has arrived: serve it, then close
+            except BlockingIOError:
+                pass  # nothing sent: idle
+            except OSError:
+                pass  # reset: closing is all that is left
+            idle.append(current)
+        gevent.killall(idle, exception=_Closing, block=False)
 
     def _renderer(self, port: int | None):  # noqa: ANN202 - a provider's render_error
         """The error shape of the provider listening on ``port`` (the first one otherwise)."""

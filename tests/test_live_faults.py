@@ -309,6 +309,36 @@ def test_sigterm_lets_an_inflight_stream_finish_and_idle_connections_do_not_hold
         socket.create_connection(("127.0.0.1", gw.anthropic_port), timeout=2).close()
 
 
+def test_a_stopping_worker_closes_idle_connections_quietly_and_serves_accepted_ones(
+    own_gateway, test_id
+):
+    """Issue #19 (found by the soak): a stop used to write an unasked-for 500 on these."""
+    gw = own_gateway(SHIM_GRACEFUL_TIMEOUT_S="20", SHIM_WORKERS="1")
+    idle = socket.create_connection(("127.0.0.1", gw.anthropic_port), timeout=10)
+    idle.sendall(b"GET /health HTTP/1.1\r\nHost: shim.test\r\n\r\n")
+    assert read_until(idle, b"ok").startswith(b"HTTP/1.1 200")  # now idle, kept alive
+    fresh = socket.create_connection(("127.0.0.1", gw.anthropic_port), timeout=10)
+    # A stream keeps the worker in its grace period while the two are looked at.
+    stream = raw_request(gw.anthropic_port, "/v1/messages", {
+        "x-api-key": SECRET, "x-fake-gap-ms": "400", "x-fake-events": "8", "x-test-id": test_id})
+    read_until(stream, b"message_start")  # by now the worker has accepted `fresh`
+    gw.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+
+    idle.settimeout(5)
+    assert idle.recv(65536) == b""  # closed, with nothing written on it
+    fresh.sendall(b"GET /v1/models HTTP/1.1\r\nHost: shim.test\r\nx-api-key: "
+                  + SECRET.encode() + b"\r\n\r\n")
+    answer = read_all(fresh)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert b"connection: close" in answer.lower()
+    assert b"event: message_stop" in read_all(stream)
+    for sock in (idle, fresh, stream):
+        sock.close()
+    gw.process.wait(timeout=10)
+    assert "error handling request" not in gw.log_path.read_text()
+
+
 def test_sigterm_past_the_grace_period_ends_the_stream_with_an_error_event(
     own_gateway, fake_upstream, test_id
 ):

@@ -235,6 +235,35 @@ def test_a_stream_abandoned_after_message_start_still_counts_its_input_tokens(
     assert line["stop_reason"] is None
 
 
+@pytest.mark.parametrize("coding", ["gzip", "identity"])
+def test_a_gemini_json_array_stream_cut_short_still_counts_the_chunks_that_came(
+    gw, fake_upstream, test_id, coding
+):
+    """Issue #19 (found by the soak): the array was parsed only whole, so a cut one counted 0."""
+    request_id = f"cut-array-{coding}-{test_id[:8]}"
+    sock = socket.create_connection(("127.0.0.1", gw.gemini_port))
+    body = json.dumps({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}).encode()
+    sock.sendall(
+        b"POST /v1beta/models/gemini-2.5-flash:streamGenerateContent HTTP/1.1\r\nHost: x\r\n"
+        + f"x-goog-api-key: {SECRETS['plain']}\r\naccept-encoding: {coding}\r\n".encode()
+        + b"content-type: application/json\r\nx-fake-gap-ms: 300\r\nx-fake-events: 30\r\n"
+        + b"x-fake-input-tokens: 321\r\nx-fake-output-tokens: 45\r\n"
+        + f"x-test-id: {test_id}\r\nx-request-id: {request_id}\r\n".encode()
+        + f"content-length: {len(body)}\r\n\r\n".encode() + body
+    )
+    received = b""
+    deadline = time.monotonic() + 10
+    while received.count(b"\r\n") < 12 and time.monotonic() < deadline:  # a few chunks in
+        received += sock.recv(65536)
+    sock.close()  # gone mid-array
+
+    line = access_line(gw, request_id)
+    assert line["error"] == "client_gone"
+    assert line["input_tokens"] == 321
+    assert line["output_tokens"] == 45
+    assert line.get("usage_unread") is None
+
+
 def test_a_decompression_bomb_costs_a_log_line_and_the_client_still_gets_its_bytes(
     gw, fake_upstream, test_id
 ):

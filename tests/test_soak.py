@@ -67,20 +67,10 @@ def test_no_access_line_without_a_call(soak):
     assert soak["phantom_lines"] == []
 
 
-@pytest.mark.xfail(
-    reason="shim/worker.py: a stopping worker answers idle and fresh connections with an "
-    "unlogged 500 (see docs-soak.md, finding 1)",
-    strict=False,
-)
 def test_every_call_was_answered_or_failed_visibly_with_one_access_line(soak):
     assert soak["unaccounted"] == []
 
 
-@pytest.mark.xfail(
-    reason="a Gemini JSON-array stream cut short loses its usage (usage_unread 'unparsable'; "
-    "see docs-soak.md, finding 2)",
-    strict=False,
-)
 def test_the_access_lines_count_the_tokens_the_fake_sent(soak):
     tokens = soak["tokens"]
     assert tokens["undecodable"] == []
