@@ -43,8 +43,11 @@ def verdicts(report: dict, smoke: bool) -> list[tuple[str, bool | None, str]]:
     out.append(
         (
             "0 unaccounted calls (answered or visibly failed, one access line each)",
-            not report["unaccounted"] and not report["phantom_lines"],
-            f"{len(report['unaccounted'])} unaccounted, {len(report['phantom_lines'])} phantom",
+            not report["unaccounted"]
+            and not report["phantom_lines"]
+            and not report["status_mismatches"],
+            f"{len(report['unaccounted'])} unaccounted, {len(report['phantom_lines'])} phantom, "
+            f"{len(report['status_mismatches'])} whose line's status is not the client's",
         )
     )
     out.append(

@@ -120,9 +120,11 @@ class Stream:
             if "event: error\n" in self.text[-4096:]:
                 self.error_frame = True
         elif self.expect == "gemini_sse":
-            self.done = self.done or '"finishReason"' in text
-        # Trim what is scanned, keeping a tail that may hold a split marker.
-        if len(self.text) > 65536:
+            # The tail too: the marker may be split across two reads.
+            self.done = self.done or '"finishReason"' in self.text[-(len(text) + 32) :]
+        # Trim what is scanned, keeping a tail that may hold a split marker
+        # (not a JSON array: complete() parses it whole).
+        if len(self.text) > 65536 and self.expect != "gemini_array":
             cut = max(self._scan, len(self.text) - 4096)
             self.text, self._scan = self.text[cut:], self._scan - cut
 

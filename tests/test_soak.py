@@ -67,6 +67,10 @@ def test_no_access_line_without_a_call(soak):
     assert soak["phantom_lines"] == []
 
 
+def test_each_access_line_says_the_status_its_client_got(soak):
+    assert soak["status_mismatches"] == []
+
+
 def test_every_call_was_answered_or_failed_visibly_with_one_access_line(soak):
     assert soak["unaccounted"] == []
 
