@@ -150,6 +150,10 @@ def _unsupported_coding(req) -> bool:  # noqa: ANN001 - gunicorn's request
     return bool(codings) and codings != ["chunked"]
 
 
+# How long a stopping worker waits for one more call on a connection it just answered.
+_LAST_CALL_WAIT_S = 1.0
+
+
 class _Closing(Exception):  # noqa: N818 - a signal between greenlets, not an error
     """Thrown into an idle keep-alive connection by a stopping worker: close it quietly."""
 
@@ -168,14 +172,17 @@ class _NextRequestWait:
 
     def __init__(self, worker: ShimWorker):
         self.worker = worker
-        self.timeout = gevent.Timeout(worker.cfg.keepalive, False)
         self.current = gevent.getcurrent()
+        # A connection whose answer ended after the stop began was told
+        # keep-alive when that answer started, and its client may send its next
+        # call at once: a brief wait serves that call (with Connection: close)
+        # instead of closing under it (issue #19: the soak's resets on reuse;
+        # behind nginx such a POST is a 502). Idle ones were closed at the stop.
+        wait = worker.cfg.keepalive if worker.alive else _LAST_CALL_WAIT_S
+        self.timeout = gevent.Timeout(wait, False)
 
     def __enter__(self) -> None:
-        worker = self.worker
-        if not worker.alive and self.current in worker._served:
-            raise StopIteration  # stopping: gunicorn closes the connection quietly
-        worker._waiting.add(self.current)
+        self.worker._waiting.add(self.current)
         self.timeout.start()
 
     def __exit__(self, kind, value, traceback) -> bool:  # noqa: ANN001

@@ -339,6 +339,28 @@ def test_a_stopping_worker_closes_idle_connections_quietly_and_serves_accepted_o
     assert "error handling request" not in gw.log_path.read_text()
 
 
+def test_a_call_sent_right_after_a_stream_that_outlived_the_stop_is_served(
+    own_gateway, test_id
+):
+    """Issue #19 (the soak's resets on reuse): the stream's headers said keep-alive."""
+    gw = own_gateway(SHIM_GRACEFUL_TIMEOUT_S="20", SHIM_WORKERS="1")
+    conn = http.client.HTTPConnection("127.0.0.1", gw.anthropic_port, timeout=10)
+    conn.request("POST", "/v1/messages", body=MESSAGE, headers={
+        "x-api-key": SECRET, "content-type": "application/json", "x-fake-gap-ms": "300",
+        "x-fake-events": "6", "x-test-id": test_id})
+    stream = conn.getresponse()
+    assert stream.getheader("connection", "").lower() != "close"  # kept alive when it began
+    gw.process.send_signal(signal.SIGTERM)
+    assert b"event: message_stop" in stream.read()
+    conn.request("GET", "/v1/models", headers={"x-api-key": SECRET})  # at once, same socket
+    after = conn.getresponse()
+    assert after.status == 200
+    assert after.getheader("connection", "").lower() == "close"
+    after.read()
+    conn.close()
+    gw.process.wait(timeout=10)
+
+
 def test_sigterm_past_the_grace_period_ends_the_stream_with_an_error_event(
     own_gateway, fake_upstream, test_id
 ):
