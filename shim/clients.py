@@ -172,6 +172,10 @@ class ClientTable:
             # The fingerprint is of the file read: a write racing the read
             # changes it, so the next check reads the file again.
             text, stat = read_text_and_stat(self._path)  # type: ignore[arg-type]
+            if not text and self._seen is not None:
+                # A tool that truncates before it writes shows an empty file for a
+                # moment: that is not "no clients" (say so with a comment line).
+                raise ClientsFileError("empty file (to name no clients, write a comment line)")
             entries = parse_clients(text)
         except (OSError, UnicodeDecodeError, ClientsFileError) as exc:
             return _reason(exc)

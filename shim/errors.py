@@ -148,3 +148,11 @@ UPSTREAM_CODES = frozenset(
         UpstreamTimeout.code,
     }
 )
+
+
+class StreamAborted(Exception):
+    """Raised into the WSGI server to cut a stream so the client sees it fail.
+
+    Not a GatewayError: no answer can be sent any more. shim.stream has logged
+    why before raising it; gunicorn's logger keeps its traceback out (shim.logs).
+    """

@@ -23,6 +23,8 @@ from collections.abc import Iterable
 import orjson
 from gunicorn.glogging import Logger as _GunicornLogger
 
+from shim.errors import StreamAborted
+
 # Attributes every LogRecord has; anything else was passed in ``extra=``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message",
@@ -205,3 +207,11 @@ class GunicornLogger(_GunicornLogger):
 
     def access(self, resp, req, environ, request_time) -> None:  # noqa: ANN001
         return None
+
+    def exception(self, msg, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        # A stream cut on purpose (shim.stream logged the upstream failure and
+        # its code) is no "Error handling request" with a traceback.
+        if isinstance(sys.exc_info()[1], StreamAborted):
+            self.error_log.info("stream aborted so the client sees it fail")
+            return
+        super().exception(msg, *args, **kwargs)

@@ -16,7 +16,7 @@ import urllib3
 
 from shim import greenlets, hangup, usage
 from shim.access import AccessRecord
-from shim.errors import CLIENT_GONE
+from shim.errors import CLIENT_GONE, StreamAborted
 from shim.failures import STREAM, UPSTREAM_FAILURES, failed
 from shim.providers.base import Provider
 
@@ -28,10 +28,6 @@ CHUNK_BYTES = 65_536
 
 # Told (provider name, +1 or -1) as a stream starts and ends (the in-flight gauge).
 StreamCounter = Callable[[str, int], None]
-
-
-class StreamAborted(Exception):
-    """Raised into the WSGI server to cut a stream so the client sees it fail."""
 
 
 def usage_unread(record: AccessRecord, why: str) -> None:

@@ -71,6 +71,23 @@ def test_the_file_is_reloaded_when_it_changes_and_a_bad_one_keeps_the_last_good(
     assert any(r.__dict__.get("event") == "clients_file_invalid" for r in caplog.records)
 
 
+def test_a_file_emptied_by_a_truncating_writer_keeps_the_last_good_table(tmp_path):
+    """Issue #19 (seen by the soak): truncate-then-write showed 'no clients' for a moment."""
+    now = [0.0]
+    path = tmp_path / "clients.txt"
+    path.write_text(line("alice", ALICE))
+    table = ClientTable(None, str(path), clock=lambda: now[0])
+    path.write_text("")
+    now[0] += 1.5
+    assert table.match([ALICE.encode()]) == "alice"
+    assert table.state()["state"] == "invalid"
+    assert "empty file" in table.state()["error"]
+    path.write_text("# nobody for now\n")
+    now[0] += 1.5
+    assert table.match([ALICE.encode()]) is None  # a comment line says "no clients"
+    assert table.state()["state"] == "ok"
+
+
 def test_cli_prints_a_new_secret_and_the_line_that_matches_it(capsys):
     assert main(["new", "dave"]) == 0
     out = capsys.readouterr().out.splitlines()

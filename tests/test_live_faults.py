@@ -158,6 +158,10 @@ def test_drop_mid_stream_on_gemini_aborts_the_body(gateway, test_id):
     sock.close()
     assert b'"chunk0 "' in data
     assert not data.endswith(b"0\r\n\r\n")
+    # The abort is on purpose and its cause is logged: no traceback (issue #19).
+    assert wait_for(lambda: "stream aborted so the client sees it fail"
+                    in gateway.log_path.read_text(), 5)
+    assert "StreamAborted" not in gateway.log_path.read_text()
 
 
 def test_tls_failure_toward_upstream_is_502(gateway_unreachable):
