@@ -23,6 +23,7 @@ body, shim.stream), how an error reads on a provider's wire (shim.errors).
 
 from __future__ import annotations
 
+import http.client
 import logging
 from dataclasses import dataclass
 from types import TracebackType
@@ -49,6 +50,7 @@ log = logging.getLogger("shim.forward")
 UPSTREAM_FAILURES: tuple[type[BaseException], ...] = (
     requests.exceptions.RequestException,
     urllib3.exceptions.HTTPError,
+    http.client.HTTPException,  # IncompleteRead from a chunk cut short (shim.stream)
     OSError,
     *greenlets.STOPPING,
 )
