@@ -26,9 +26,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402
 from run import (  # noqa: E402 - bench/ is a folder of scripts, not a package
     ROOT,
     Target,
+    cpu_seconds,
     free_port,
     rss_kib,
     start_naive,
@@ -42,7 +44,8 @@ COUNT = int(os.environ.get("BENCH_STREAMS", "8192"))
 DELTAS = 12
 INTERVAL_MS = 2000
 RAMP_PER_S = 500
-# BENCH_TARGETS=shim measures shim alone (while working on it; the table wants both).
+# BENCH_TARGETS=shim measures shim alone (while working on it; the table wants both);
+# BENCH_SHIM_ROOT=/path/to/other/checkout runs that checkout's shim instead.
 TARGETS = os.environ.get("BENCH_TARGETS", "naive,shim").split(",")
 
 
@@ -53,6 +56,7 @@ def ramp(target: Target) -> dict:
         wrk(target.port, 8, seconds=1)
         asyncio.run(streams(target.port, 64, 2, 100))
     idle = rss_kib(pid) if pid else 0
+    cpu = cpu_seconds(pid) if pid else 0.0
 
     async def run() -> tuple[dict, int]:
         task = asyncio.create_task(
@@ -65,12 +69,17 @@ def ramp(target: Target) -> dict:
 
     result, held = asyncio.run(run())
     if pid:
+        # Every stream was opened, relayed and closed: its whole cost.
+        result["cpu_ms_per_stream"] = (cpu_seconds(pid) - cpu) / COUNT * 1000
         result["rss_idle_mib"] = idle / 1024
         result["kib_per_stream"] = (held - idle) / COUNT
     return result
 
 
 def main() -> None:
+    other = os.environ.get("BENCH_SHIM_ROOT")
+    if other:  # another checkout's shim (an older commit, for a before/after)
+        run.ROOT = Path(other).resolve()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = COUNT * 2 + 256
     if soft < need:
@@ -109,6 +118,7 @@ def main() -> None:
         ("chunk delay p99 (ms)", "delay_p99_ms", "{:.0f}"),
         ("RSS idle (MiB)", "rss_idle_mib", "{:.0f}"),
         ("RSS per open stream (KiB)", "kib_per_stream", "{:.1f}"),
+        ("CPU per stream, 12 deltas (ms)", "cpu_ms_per_stream", "{:.2f}"),
         ("short calls c=32 (req/s)", "rps_c32", "{:.0f}"),
     ]
     print(f"{COUNT} streams, {RAMP_PER_S}/s ramp, a delta every {INTERVAL_MS / 1000:.0f} s")
@@ -123,7 +133,8 @@ def main() -> None:
         print(f"{label:<30}{text}{ratio}")
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / "streams.json").write_text(json.dumps(results, indent=2))
+    name = "streams-other.json" if os.environ.get("BENCH_SHIM_ROOT") else "streams.json"
+    (out / name).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
