@@ -90,12 +90,12 @@ class Control(threading.Thread):
     def run(self) -> None:
         p = self.plan
         self._next_sample, self._next_edit = 0.0, p.edit_every_s
-        if not self.wait_until(0.35 * p.duration_s):
+        if not self.wait_until(p.sighup_at * p.duration_s):
             return
         before = self.shim.workers()
         os.kill(self.shim.process.pid, signal.SIGHUP)
         self.note("sighup", workers_before=before)
-        if not self.wait_until(0.6 * p.duration_s):
+        if not self.wait_until(p.restart_at * p.duration_s):
             return
         for victim in self.shim.workers():  # rolling: one, its replacement up, then the next
             old = self.shim.workers()
@@ -224,8 +224,16 @@ def settle(sampler: Sampler, plan: Plan, timeout: float) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="~1 minute, fewer clients")
-    parser.add_argument("--minutes", type=float, help="run this long instead (no smoke limits)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="45 s at about half the rate (what tests/test_soak.py runs)",
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        help="run this long instead (with --smoke: at the smoke rates, RSS and latency not judged)",
+    )
     parser.add_argument("--out", help="the JSON file (default bench/results/soak[-smoke].json)")
     parser.add_argument("--upstream", nargs=2, metavar=("PORT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()

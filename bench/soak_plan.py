@@ -23,6 +23,12 @@ class Plan:
     edit_every_s: float  # clients file rewrites
     grace_s: float  # SHIM_GRACEFUL_TIMEOUT_S
     warmup_s: float  # samples before this (and a new worker's first warmup_s) are not fitted
+    # When the SIGHUP and the rolling restart happen, as fractions of the run. Early in the full
+    # run: a worker's RSS climbs in allocator steps for its first ~8 minutes (the first 30-minute
+    # run, reload at 35 % and restart at 60 %, left each worker ~10 minutes, mostly warm-up),
+    # so the last workers need a long life after their warm-up for a slope to mean anything.
+    sighup_at: float = 0.35
+    restart_at: float = 0.6
 
     @property
     def rate(self) -> float:
@@ -30,7 +36,7 @@ class Plan:
         return self.short_per_s + 8 / self.session_every_s + 2
 
 
-FULL = Plan(1800, 44, 1.0, 300, 100, 5, 60, 20, 360)
+FULL = Plan(1800, 44, 1.0, 300, 100, 5, 60, 20, 600, sighup_at=0.1, restart_at=0.2)
 SMOKE = Plan(45, 20, 1.5, 60, 100, 2, 12, 10, 10)
 
 HTTP_TIMEOUT_S = 3  # shim's upstream silence limit: the stall faults outlast it

@@ -56,7 +56,8 @@ def growth(samples: list[dict], plan: Plan, key) -> list[dict]:  # noqa: ANN001
     out = []
     for pid, rows in by_pid.items():
         born = rows[0]["t"]
-        kept = [r for r in rows if r["t"] >= plan.warmup_s and r["t"] >= born + plan.warmup_s / 2]
+        # After the run's warm-up and the worker's own: a new worker warms up like the first.
+        kept = [r for r in rows if r["t"] >= plan.warmup_s and r["t"] >= born + plan.warmup_s]
         xs = [r["handled"] for r in kept]
         if len(kept) < 4 or max(xs) - min(xs) < 100:
             out.append({"pid": pid, "samples": len(rows), "fitted": len(kept), "per_100k": None})
