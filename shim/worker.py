@@ -3,9 +3,11 @@
 1. **Prompt graceful stop.** On SIGTERM gunicorn's worker stops accepting and
    waits up to ``graceful_timeout`` for its connections, idle keep-alive ones
    included, so a deploy waited the whole grace period for SDK connection
-   pools that had nothing in flight. Here a connection waiting for its next
-   request is closed as soon as the stop begins; requests in flight (long
-   streams) keep the full grace period.
+   pools that had nothing in flight. Here a connection idle between requests
+   is closed, quietly, as soon as the stop begins; one accepted but not yet
+   read is served; requests in flight (long streams) keep the full grace
+   period, and the call a client sends right after one of them is served
+   with ``Connection: close`` (it was told keep-alive; issue #19).
 2. **Provider-shaped framing errors.** A request gunicorn cannot parse (an
    oversized request line or header, broken chunked framing) is answered
    before the app runs, with gunicorn's HTML page. Here it gets the JSON error
@@ -20,12 +22,13 @@
    environ, before the app runs, so a client with a wrong secret or a 1 GB
    Content-Length was invited to send it. Here ``100 Continue`` goes out on
    the app's first read of ``wsgi.input``, which shim makes only after the
-   secret check and the Content-Length check (shim.web, shim.forward).
+   secret check and the Content-Length check (shim.web, shim.forward;
+   the body wrapper is shim.doors).
 4. **A refused request ends its connection.** A 401 or 413, or any answer
    given before the body was read, is sent with ``Connection: close`` and the
    connection ends after a lingering close of at most 1 s: gunicorn would
    otherwise read and discard the unread body, however large, for up to the
-   keep-alive timeout before the next request.
+   keep-alive timeout before the next request (shim.doors).
 
 Imported by gunicorn's master to load the worker class, so it imports nothing
 but gunicorn and gevent at import time; the providers (for their error
@@ -39,11 +42,12 @@ import socket
 
 import gevent
 from gunicorn.http import errors as http_errors
-from gunicorn.http.body import Body, LengthReader
+from gunicorn.http.body import Body
 from gunicorn.util import write_nonblock
 from gunicorn.workers.ggevent import GeventWorker
 
 from shim import resolver
+from shim.doors import RequestBody, is_refused_coding, linger, unsupported_coding
 
 # gunicorn's framing errors by answer; anything else it raises is the client's 400.
 _STATUS = (
@@ -61,94 +65,6 @@ _MESSAGES = {
     403: "Forbidden.",
     400: "The request could not be parsed as HTTP.",
 }
-
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# Answers that end the connection whether or not the body was read: a guesser
-# or an oversized upload gets no kept-alive connection to try again on.
-_CLOSING_STATUSES = frozenset({401, 413})
-
-
-class _RequestBody:
-    """A request body as the app reads it (``wsgi.input``), sending ``100 Continue`` on demand.
-
-    The 100 goes out on the app's first read, and never once the app has
-    started its answer. ``respond`` is told the status and decides whether
-    the connection outlives this request.
-    """
-
-    def __init__(self, req, sock, expecting: bool):  # noqa: ANN001 - gunicorn's objects
-        self._req = req
-        self._body: Body = req.body
-        self._sock = sock
-        self.expecting = expecting  # a 100 Continue is owed if the app reads
-        self.answered = False  # the app has called start_response
-        self.closing = False  # this connection ends after the answer
-        self._eof = False
-
-    @property
-    def failed(self) -> bool:
-        # gunicorn's parser reads this to know whether the connection is reusable.
-        return self._body.failed
-
-    def _invite(self) -> None:
-        if self.expecting and not self.answered:
-            self.expecting = False
-            self._sock.sendall(_CONTINUE)
-
-    def read(self, size: int | None = None) -> bytes:
-        self._invite()
-        data = self._body.read(size)
-        if not data and size != 0:
-            self._eof = True
-        return data
-
-    def readline(self, size: int | None = None) -> bytes:
-        self._invite()
-        data = self._body.readline(size)
-        if not data and size != 0:
-            self._eof = True
-        return data
-
-    def readlines(self, size: int | None = None) -> list[bytes]:
-        self._invite()
-        lines = self._body.readlines(size)
-        self._eof = True
-        return lines
-
-    def __iter__(self) -> _RequestBody:
-        return self
-
-    def __next__(self) -> bytes:
-        line = self.readline()
-        if not line:
-            raise StopIteration
-        return line
-
-    def consumed(self) -> bool:
-        """True when nothing of the body is left unread (or there was none)."""
-        if self._eof:
-            return True
-        reader = self._body.reader
-        return isinstance(reader, LengthReader) and reader.length == 0 and not self._body.buf.tell()
-
-    def respond(self, status: int) -> None:
-        """The app answers ``status``: end the connection if the body must not be drained."""
-        self.answered = True
-        if status in _CLOSING_STATUSES or not self.consumed():
-            self.closing = True
-            self._req.force_close()  # gunicorn then says Connection: close and stops
-
-
-def _unsupported_coding(req) -> bool:  # noqa: ANN001 - gunicorn's request
-    """True unless the request's Transfer-Encoding, if any, is exactly ``chunked``."""
-    codings = [
-        word.strip(" \t").lower()
-        for name, value in req.headers
-        if name == "TRANSFER-ENCODING"
-        for word in value.split(",")
-    ]
-    return bool(codings) and codings != ["chunked"]
-
 
 # How long a stopping worker waits for one more call on a connection it just answered.
 _LAST_CALL_WAIT_S = 1.0
@@ -214,7 +130,7 @@ class ShimWorker(GeventWorker):
 
         def told_the_status(environ: dict, start_response):  # noqa: ANN001, ANN202
             body = environ.get("wsgi.input")
-            if not isinstance(body, _RequestBody):
+            if not isinstance(body, RequestBody):
                 return app(environ, start_response)
 
             def start(status: str, headers: list, exc_info=None):  # noqa: ANN001, ANN202
@@ -232,13 +148,13 @@ class ShimWorker(GeventWorker):
             self._served.pop(gevent.getcurrent(), None)
 
     def handle_request(self, listener_name, req, sock, addr):  # noqa: ANN001, ANN201
-        if _unsupported_coding(req):
+        if unsupported_coding(req):
             # gunicorn accepted it (``gzip, chunked``); handle_error answers 501.
             raise http_errors.UnsupportedTransferCoding("transfer coding")
         body = None
         if type(req.body) is Body:  # HTTP/1.x; an HTTP/2 stream has its own
-            body = req.body = _RequestBody(req, sock, req._expected_100_continue)
-            req._expected_100_continue = False  # not gunicorn's to send: see _RequestBody
+            body = req.body = RequestBody(req, sock, req._expected_100_continue)
+            req._expected_100_continue = False  # not gunicorn's to send: see RequestBody
         current = gevent.getcurrent()
         self._busy.add(current)
         try:
@@ -247,7 +163,7 @@ class ShimWorker(GeventWorker):
             self._busy.discard(current)
             self._served[current] = sock
             if body is not None and body.closing:
-                _linger(sock)
+                linger(sock)
 
     def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 - gunicorn's signature
         if self.alive:
@@ -306,7 +222,7 @@ class ShimWorker(GeventWorker):
             if isinstance(exc, error_class):
                 status, reason, kind = code, text, error_kind
                 break
-        if _is_refused_coding(exc):
+        if is_refused_coding(exc):
             status, reason, kind = 501, "Not Implemented", "invalid_request"
         else:
             app_fault = (http_errors.InvalidResponseHeader, http_errors.InvalidResponseHeaderName)
@@ -329,30 +245,4 @@ class ShimWorker(GeventWorker):
         )
         with contextlib.suppress(OSError):
             write_nonblock(client, head.encode("latin-1") + body)
-        _linger(client)
-
-
-def _is_refused_coding(exc: BaseException) -> bool:
-    """gunicorn's 400 for a Transfer-Encoding it parses but refuses (stacked, not chunked last).
-
-    An HTTP/1.0 request with Transfer-Encoding stays a 400: its framing is faulty.
-    """
-    if not isinstance(exc, http_errors.InvalidHeader) or exc.hdr != "TRANSFER-ENCODING":
-        return False
-    version = getattr(exc.req, "version", None)
-    return version is None or version >= (1, 1)
-
-
-def _linger(client) -> None:  # noqa: ANN001 - a gevent socket
-    """Read and drop what the client still sends, briefly, before gunicorn closes.
-
-    Closing a socket with unread input makes the kernel send a reset, and the
-    client may then lose the error answer it was about to read (nginx calls
-    this lingering close). Bounded in time and bytes, so a client still
-    sending a huge body costs a worker a second at most.
-    """
-    with contextlib.suppress(OSError), gevent.Timeout(1.0, False):
-        client.shutdown(socket.SHUT_WR)
-        for _ in range(64):  # at most 4 MiB
-            if not client.recv(65536):
-                break
+        linger(client)
