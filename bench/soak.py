@@ -259,7 +259,7 @@ def main() -> int:
     )
     shim = None
     try:
-        wait_port(upstream_port)
+        wait_port(upstream_port, timeout=20)
         shim = Shim(plan, upstream_port, work)
         ports = {"shim": set(shim.ports.values()) | {shim.metrics_port}, "upstream": upstream_port}
         print(f"shim log: {shim.log_path}", file=sys.stderr, flush=True)

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import brotli
+from run import free_port, wait_port  # one copy of the loopback helpers for bench/
 from soak_plan import CLIENTS, HTTP_TIMEOUT_S, Plan, secret_of
 from soak_wire import Decoder, usage_in
 
@@ -40,23 +40,6 @@ try:
     from compression import zstd
 except ImportError:
     from backports import zstd
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} never opened")
 
 
 # --- the fake upstream, in a process of its own ------------------------------------------------
@@ -161,7 +144,7 @@ class Shim:
                 start_new_session=True,
             )
         for port in (*self.ports.values(), self.metrics_port):
-            wait_port(port)
+            wait_port(port, timeout=20)
         deadline = time.monotonic() + 20
         while len(self.workers()) < 2 or len(self.scrape_by_pid("shim_worker_requests")) < 2:
             if time.monotonic() > deadline:

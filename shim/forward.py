@@ -280,22 +280,10 @@ def relay(
         tap = usage.tap_for(
             content_type, encoding, provider.event_separator, provider.usage_markers
         )
-    _forget_parsed_headers(raw)
+    upstream_pool.forget_parsed_headers(raw)
     body = UpstreamBody(raw, provider, content_type, frame, record, tap, on_stream)
     body.watch_client(environ.get("gunicorn.socket"))
     return Response(body, status=status_line(raw), headers=headers, direct_passthrough=True)
-
-
-def _forget_parsed_headers(raw: urllib3.HTTPResponse) -> None:
-    """Drop http.client's parsed copy of the headers for the life of a stream.
-
-    urllib3 keeps its own copy (``raw.headers``), the client's list is built,
-    and nothing reads http.client's email.message object after this; it was
-    ~1 KiB of the memory every open stream holds (issue #19).
-    """
-    original = getattr(raw, "_original_response", None)
-    if original is not None:
-        original.msg = original.headers = None
 
 
 def read_whole(raw: urllib3.HTTPResponse, provider: Provider, record: AccessRecord) -> bytes:

@@ -14,13 +14,13 @@ scrape instead of lingering beside its successor's.
 What it costs: counting greenlets walks every object the garbage collector
 tracks (``gc.get_objects``), and under gevent that walk holds the worker's
 loop. Measured on the 2-core box (``shim_worker_self_stats_seconds`` during
-3,000 streams held open through 2 workers, ~1,500 each, two greenlets and two
-descriptors per stream): 45-55 ms per refresh, against ~10 ms idle. So at the
-default, once a minute one chunk of every open stream waits up to ~50 ms
-longer, and the walk costs under 0.1 % of a core. The gauge
-``shim_worker_self_stats_seconds`` publishes each refresh's own time, so the
-cost stays visible where it is paid. Reading ``/proc/self/fd`` and
-``/proc/self/statm`` costs well under a millisecond.
+3,000 streams held open through 2 workers, ~1,500 each, when each stream still
+had two greenlets; it has one since the hang-up watcher became a callback):
+45-55 ms per refresh, against ~10 ms idle. So at the default, once a minute one
+chunk of every open stream waits up to ~50 ms longer, and the walk costs under
+0.1 % of a core. The gauge ``shim_worker_self_stats_seconds`` publishes each
+refresh's own time, so the cost stays visible where it is paid. Reading
+``/proc/self/fd`` and ``/proc/self/statm`` costs well under a millisecond.
 """
 
 from __future__ import annotations

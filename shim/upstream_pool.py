@@ -5,7 +5,8 @@ buffered reader over its socket with an 8 KiB buffer allocated up front. At
 thousands of concurrent streams that buffer was the largest single cost per
 stream (issue #19: ~9 KiB of ~35 KiB traced per stream). SSE events arrive a
 few hundred bytes at a time and large reads bypass the buffer anyway, so the
-responses here read through a 1 KiB one.
+responses here read through a 1 KiB one, and a stream drops its parsed
+header copy once relayed (``forget_parsed_headers``).
 """
 
 from __future__ import annotations
@@ -57,3 +58,15 @@ def adapter(pool_maxsize: int) -> HTTPAdapter:
     mounted = HTTPAdapter(pool_connections=4, pool_maxsize=pool_maxsize, max_retries=0)
     mounted.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
     return mounted
+
+
+def forget_parsed_headers(raw) -> None:  # noqa: ANN001 - a urllib3 response from this pool
+    """Drop http.client's parsed copy of a stream's headers once the stream is relayed.
+
+    urllib3 keeps its own copy (``raw.headers``) and nothing reads http.client's
+    email.message object after the response began; ~0.5 KiB of every open
+    stream. Not for a whole answer: requests reads it for cookies first.
+    """
+    original = getattr(raw, "_original_response", None)
+    if original is not None:
+        original.msg = original.headers = None
